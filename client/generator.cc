@@ -1,0 +1,262 @@
+// Client and ChatSession: tokenize, embed, run the chain, sample.
+#include <chrono>
+#include <utility>
+
+#include <ATen/ATen.h>
+
+#include "absl/strings/str_cat.h"
+#include "client/model_head.h"
+#include "client/remote_chain.h"
+#include "client/sampler.h"
+#include "client/swarm_client.h"
+#include "client/text_stream.h"
+#include "client/tokenizer.h"
+#include "common/checkpoint.h"
+#include "common/logging.h"
+#include "common/model_id.h"
+#include "common/status_util.h"
+#include "pollen/client.h"
+
+namespace pollen {
+
+using client::InferenceChain;
+
+class Client::Impl {
+ public:
+  ClientOptions options;
+  std::string model_id;
+  std::shared_ptr<const Checkpoint> checkpoint;
+  std::unique_ptr<client::ModelHead> head;
+  std::unique_ptr<client::Tokenizer> tokenizer;
+  std::unique_ptr<client::SwarmClient> swarm;
+  client::ChannelPool channels;
+
+  const ModelConfig& config() const { return checkpoint->config(); }
+
+  // Finds a route and opens a session of `max_length` positions on it.
+  absl::StatusOr<std::unique_ptr<InferenceChain>> OpenChain(int64_t max_length) {
+    const int num_blocks = static_cast<int>(config().num_hidden_layers);
+    POLLEN_ASSIGN_OR_RETURN(
+        std::vector<scheduler::RouteHop> route,
+        swarm->FindRoute(model_id, num_blocks, options.discovery_wait));
+    client::ChainOptions chain_options;
+    chain_options.model_id = model_id;
+    chain_options.max_length = max_length;
+    chain_options.step_timeout = options.step_timeout;
+    return InferenceChain::Open(channels, route, chain_options);
+  }
+
+  // Feeds `input_ids` after `history` (the ids the chain already holds,
+  // plus the last sampled id when it was not fed yet) and samples up to
+  // options.max_new_tokens ids. Appends what it feeds and samples to
+  // `history`. The last sampled id is not fed to the chain.
+  absl::StatusOr<GenerationResult> Continue(InferenceChain& chain,
+                                            std::vector<int>& history,
+                                            const std::vector<int>& input_ids,
+                                            int64_t max_length,
+                                            const GenerationOptions& options,
+                                            const TextCallback& on_text);
+};
+
+namespace {
+
+absl::Status ValidateIds(const std::vector<int>& ids, int64_t vocab_size) {
+  for (const int id : ids) {
+    if (id < 0 || id >= vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "token id ", id, " is outside the vocabulary 0..", vocab_size - 1));
+    }
+  }
+  return absl::OkStatus();
+}
+
+std::vector<RouteHopInfo> DescribeRoute(const InferenceChain& chain) {
+  std::vector<RouteHopInfo> hops;
+  for (const scheduler::RouteHop& hop : chain.route()) {
+    hops.push_back(
+        RouteHopInfo{hop.server.node_id, hop.server.address, hop.start, hop.end});
+  }
+  return hops;
+}
+
+at::Tensor IdsToTensor(const std::vector<int>& ids) {
+  std::vector<int64_t> wide(ids.begin(), ids.end());
+  return at::tensor(wide, at::kLong).reshape({1, -1});
+}
+
+}  // namespace
+
+absl::StatusOr<GenerationResult> Client::Impl::Continue(
+    InferenceChain& chain, std::vector<int>& history,
+    const std::vector<int>& input_ids, int64_t max_length,
+    const GenerationOptions& options, const TextCallback& on_text) {
+  POLLEN_RETURN_IF_ERROR(client::ValidateSamplingOptions(options.sampling));
+  POLLEN_RETURN_IF_ERROR(ValidateIds(input_ids, config().vocab_size));
+  if (options.max_new_tokens < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "max_new_tokens must be at least 1, got ", options.max_new_tokens));
+  }
+  if (input_ids.empty()) {
+    return absl::InvalidArgumentError("nothing to feed: the input has no tokens");
+  }
+  const int64_t room = max_length - chain.position() -
+                       static_cast<int64_t>(input_ids.size());
+  if (room < 1) {
+    return absl::OutOfRangeError(absl::StrCat(
+        "the session holds ", chain.position(), " of ", max_length,
+        " positions and cannot take ", input_ids.size(), " more tokens"));
+  }
+  const int max_new_tokens =
+      static_cast<int>(std::min<int64_t>(options.max_new_tokens, room));
+
+  GenerationResult result;
+  result.prompt_ids = input_ids;
+  result.route = DescribeRoute(chain);
+  history.insert(history.end(), input_ids.begin(), input_ids.end());
+  // The stream decodes new ids after the context, so that the first new
+  // piece keeps its leading space.
+  client::TextStream text_stream(*tokenizer, history);
+  client::Sampler sampler(options.sampling);
+  const auto started = std::chrono::steady_clock::now();
+  at::NoGradGuard no_grad;
+
+  std::vector<int> to_feed = input_ids;
+  for (int i = 0; i < max_new_tokens; ++i) {
+    // Run the new tokens through the swarm and take the last position.
+    at::Tensor logits;
+    POLLEN_RETURN_IF_ERROR(CatchTorchErrors("embedding the input", [&]() {
+      const at::Tensor hidden = head->Embed(IdsToTensor(to_feed));
+      auto output = chain.Step(hidden);
+      if (!output.ok()) return output.status();
+      logits = head->Logits(output->slice(1, -1))[0][0];
+      return absl::OkStatus();
+    }));
+
+    const int next = sampler.Sample(logits, history);
+    if (next < 0) {
+      return absl::InternalError(absl::StrCat(
+          "sampling failed at new token ", i,
+          ": the logits are all NaN or -inf, or misshaped (see the log)"));
+    }
+    history.push_back(next);
+    result.new_ids.push_back(next);
+    const std::string piece = text_stream.Push(next);
+    if (on_text && !piece.empty()) on_text(piece);
+    if (options.stop_at_eos && next == config().eos_token_id) break;
+    to_feed = {next};
+  }
+  const std::string rest = text_stream.Flush();
+  if (on_text && !rest.empty()) on_text(rest);
+  result.text = text_stream.text();
+
+  const double elapsed_ms = std::chrono::duration<double, std::milli>(
+                                std::chrono::steady_clock::now() - started)
+                                .count();
+  result.ms_per_token = elapsed_ms / result.new_ids.size();
+  return result;
+}
+
+Client::Client(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Client::~Client() = default;
+
+absl::StatusOr<std::unique_ptr<Client>> Client::Connect(
+    const ClientOptions& options) {
+  auto impl = std::make_unique<Impl>();
+  impl->options = options;
+  impl->model_id = options.model_id.empty() ? DefaultModelId(options.model_dir)
+                                            : options.model_id;
+  POLLEN_ASSIGN_OR_RETURN(impl->checkpoint, Checkpoint::Open(options.model_dir));
+  POLLEN_ASSIGN_OR_RETURN(
+      impl->head,
+      client::ModelHead::Load(*impl->checkpoint, at::kFloat, at::kCPU));
+  POLLEN_ASSIGN_OR_RETURN(
+      impl->tokenizer,
+      client::Tokenizer::Load(options.model_dir + "/tokenizer.model"));
+  POLLEN_ASSIGN_OR_RETURN(impl->swarm,
+                          client::SwarmClient::Connect(options.initial_peers));
+  POLLEN_LOG_INFO("client for {} joined the swarm through {} peer(s)",
+                  impl->model_id, options.initial_peers.size());
+  return std::unique_ptr<Client>(new Client(std::move(impl)));
+}
+
+const std::string& Client::model_id() const { return impl_->model_id; }
+
+absl::StatusOr<GenerationResult> Client::Generate(
+    const std::string& prompt, const GenerationOptions& options,
+    const TextCallback& on_text) {
+  return GenerateFromIds(impl_->tokenizer->Encode(prompt, /*add_bos=*/true),
+                         options, on_text);
+}
+
+absl::StatusOr<GenerationResult> Client::GenerateFromIds(
+    const std::vector<int>& prompt_ids, const GenerationOptions& options,
+    const TextCallback& on_text) {
+  const int64_t limit = impl_->config().max_position_embeddings;
+  const int64_t max_length =
+      static_cast<int64_t>(prompt_ids.size()) + options.max_new_tokens;
+  if (max_length > limit) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "prompt of ", prompt_ids.size(), " tokens plus ", options.max_new_tokens,
+        " new tokens exceeds the model's ", limit, " positions"));
+  }
+  POLLEN_ASSIGN_OR_RETURN(std::unique_ptr<InferenceChain> chain,
+                          impl_->OpenChain(max_length));
+  std::vector<int> history;
+  return impl_->Continue(*chain, history, prompt_ids, max_length, options,
+                         on_text);
+}
+
+class ChatSession::Impl {
+ public:
+  Client::Impl* client = nullptr;
+  std::unique_ptr<InferenceChain> chain;
+  int64_t max_length = 0;
+  // Ids fed to the chain, plus the last sampled id when `pending` is set.
+  std::vector<int> history;
+  bool pending = false;
+};
+
+ChatSession::ChatSession(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+ChatSession::~ChatSession() = default;
+
+absl::StatusOr<std::unique_ptr<ChatSession>> Client::StartChat(int max_length) {
+  const int64_t limit = impl_->config().max_position_embeddings;
+  if (max_length == 0) max_length = static_cast<int>(limit);
+  if (max_length < 2 || max_length > limit) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "chat max_length ", max_length, " is outside 2..", limit,
+        " (the model's positions)"));
+  }
+  auto session = std::make_unique<ChatSession::Impl>();
+  session->client = impl_.get();
+  session->max_length = max_length;
+  POLLEN_ASSIGN_OR_RETURN(session->chain, impl_->OpenChain(max_length));
+  return std::unique_ptr<ChatSession>(new ChatSession(std::move(session)));
+}
+
+absl::StatusOr<GenerationResult> ChatSession::Send(
+    const std::string& text, const GenerationOptions& options,
+    const TextCallback& on_text) {
+  Impl& session = *impl_;
+  const bool first_turn = session.history.empty();
+  std::vector<int> input =
+      session.client->tokenizer->Encode(text, /*add_bos=*/first_turn);
+
+  // The reply's last id was sampled but never fed; it leads this turn.
+  std::vector<int> history = session.history;
+  if (session.pending) {
+    input.insert(input.begin(), history.back());
+    history.pop_back();
+  }
+  auto result = session.client->Continue(*session.chain, history, input,
+                                         session.max_length, options, on_text);
+  if (!result.ok()) return result.status();
+
+  session.history = std::move(history);
+  session.pending = true;
+  // prompt_ids reports what the user's turn added, without the carried id.
+  if (!first_turn) result->prompt_ids.erase(result->prompt_ids.begin());
+  return result;
+}
+
+}  // namespace pollen

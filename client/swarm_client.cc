@@ -1,0 +1,88 @@
+#include "client/swarm_client.h"
+
+#include <algorithm>
+#include <map>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "common/logging.h"
+#include "common/status_util.h"
+
+namespace pollen::client {
+namespace {
+
+constexpr absl::Duration kFetchTimeout = absl::Seconds(5);
+constexpr absl::Duration kPollInterval = absl::Milliseconds(500);
+
+}  // namespace
+
+std::vector<scheduler::ServerSpan> SpansFromRecords(
+    const std::vector<v1::NodeRecord>& records, const std::string& model_id) {
+  // Keep the newest record of each node.
+  std::map<std::string, const v1::NodeRecord*> newest;
+  for (const v1::NodeRecord& record : records) {
+    if (record.model_id() != model_id) continue;
+    const v1::NodeRecord*& slot = newest[record.node_id()];
+    if (slot == nullptr || record.announced_ms() > slot->announced_ms()) {
+      slot = &record;
+    }
+  }
+
+  std::vector<scheduler::ServerSpan> spans;
+  for (const auto& [node_id, record] : newest) {
+    if (record->state() != v1::NODE_STATE_ONLINE) continue;
+    scheduler::ServerSpan span;
+    span.node_id = node_id;
+    span.address = record->address();
+    span.start = static_cast<int>(record->blocks().start());
+    span.end = static_cast<int>(record->blocks().end());
+    span.throughput = record->throughput();
+    span.cache_tokens_left = static_cast<int64_t>(record->cache_tokens_left());
+    spans.push_back(span);
+  }
+  return spans;
+}
+
+absl::StatusOr<std::unique_ptr<SwarmClient>> SwarmClient::Connect(
+    const std::vector<std::string>& initial_peers) {
+  if (initial_peers.empty()) {
+    return absl::InvalidArgumentError(
+        "no initial peers given; pass --initial-peers HOST:PORT of a node "
+        "in the swarm");
+  }
+  DhtOptions options;
+  options.bootstrap = initial_peers;
+  POLLEN_ASSIGN_OR_RETURN(std::unique_ptr<DhtRegistry> registry,
+                          DhtRegistry::Start(options));
+  POLLEN_RETURN_IF_ERROR(registry->WaitConnected(absl::Seconds(10)));
+  return std::unique_ptr<SwarmClient>(new SwarmClient(std::move(registry)));
+}
+
+absl::StatusOr<std::vector<scheduler::RouteHop>> SwarmClient::FindRoute(
+    const std::string& model_id, int num_blocks, absl::Duration wait,
+    const scheduler::RouteOptions& route_options) {
+  const absl::Time deadline = absl::Now() + wait;
+  absl::Status last_error;
+  for (int attempt = 1;; ++attempt) {
+    auto records = registry_->FetchSpan(model_id, 0, num_blocks, kFetchTimeout);
+    if (records.ok()) {
+      auto route = scheduler::FindFewestHopsRoute(
+          SpansFromRecords(*records, model_id), 0, num_blocks, route_options);
+      if (route.ok()) return route;
+      last_error = route.status();
+    } else {
+      last_error = records.status();
+    }
+
+    if (absl::Now() + kPollInterval > deadline) break;
+    POLLEN_LOG_DEBUG("no complete route for {} yet (attempt {}): {}", model_id,
+                     attempt, last_error.ToString());
+    absl::SleepFor(kPollInterval);
+  }
+  return absl::Status(
+      last_error.code(),
+      absl::StrCat("model '", model_id, "': ", last_error.message(),
+                   " after waiting ", absl::FormatDuration(wait)));
+}
+
+}  // namespace pollen::client

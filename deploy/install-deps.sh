@@ -10,7 +10,7 @@ packages=(
   libopenblas0-pthread
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev libspdlog-dev libopendht-dev nlohmann-json3-dev
-  libsentencepiece-dev libgtest-dev libbenchmark-dev
+  libgtest-dev libbenchmark-dev
 )
 
 export DEBIAN_FRONTEND=noninteractive

@@ -1,0 +1,198 @@
+#include "node/inference_reactor.h"
+
+#include <utility>
+
+#include <ATen/ATen.h>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "common/logging.h"
+#include "common/status_util.h"
+#include "common/tensor_codec.h"
+#include "node/block_span.h"
+#include "node/session_manager.h"
+
+namespace pollen::node {
+namespace {
+
+absl::Status ValidateOpen(const v1::InferenceOpen& open,
+                          const ServiceContext& context) {
+  const BlockSpan& span = *context.span;
+  const ModelConfig& config = span.config();
+
+  if (open.model_id() != context.model_id) {
+    return absl::NotFoundError(absl::StrCat(
+        "model '", open.model_id(), "' is not served here; this node serves '",
+        context.model_id, "'"));
+  }
+  if (open.session_id().empty() ||
+      open.session_id().size() > kMaxSessionIdLength) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "session_id must have 1 to ", kMaxSessionIdLength,
+        " characters, got ", open.session_id().size()));
+  }
+  const int64_t start = open.blocks().start();
+  const int64_t end = open.blocks().end();
+  if (start >= end || start < span.start() || end > span.end()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "blocks ", start, ":", end, " are not a non-empty part of the span ",
+        span.start(), ":", span.end(), " served by this node"));
+  }
+  if (open.max_length() == 0 ||
+      open.max_length() > config.max_position_embeddings) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "max_length ", open.max_length(), " is outside 1..",
+        config.max_position_embeddings, " (max_position_embeddings)"));
+  }
+  const int64_t batch = open.batch_size() == 0 ? 1 : open.batch_size();
+  const int64_t max_batch = context.sessions->limits().max_batch_size;
+  if (batch > max_batch) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "batch_size ", batch, " exceeds this node's limit of ", max_batch));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+InferenceReactor::InferenceReactor(ServiceContext* context, std::string peer)
+    : context_(context), peer_(std::move(peer)) {
+  StartRead(&request_);
+}
+
+void InferenceReactor::OnReadDone(bool ok) {
+  if (!ok) {
+    // The client closed its side of the stream: the session is over.
+    FinishOnce(absl::OkStatus());
+    return;
+  }
+
+  response_.Clear();
+  absl::Status status;
+  switch (request_.kind_case()) {
+    case v1::InferenceRequest::kOpen:
+      status = HandleOpen(request_.open());
+      break;
+    case v1::InferenceRequest::kStep:
+      status = HandleStep(request_.step());
+      break;
+    default:
+      status = absl::InvalidArgumentError(
+          "request has neither 'open' nor 'step' set");
+  }
+  if (!status.ok()) {
+    POLLEN_LOG_WARN("session {} from {}: {}",
+                    session_ ? session_->request.session_id : "(not open)",
+                    peer_, status.ToString());
+    FinishOnce(status);
+    return;
+  }
+  StartWrite(&response_);
+}
+
+void InferenceReactor::OnWriteDone(bool ok) {
+  if (!ok) {
+    FinishOnce(absl::CancelledError("client went away before the reply"));
+    return;
+  }
+  StartRead(&request_);
+}
+
+void InferenceReactor::OnDone() {
+  if (session_) {
+    context_->sessions->Close(session_->request.session_id, "stream ended");
+  }
+  delete this;
+}
+
+void InferenceReactor::FinishOnce(const absl::Status& status) {
+  if (finished_) return;
+  finished_ = true;
+  Finish(ToGrpcStatus(status));
+}
+
+absl::Status InferenceReactor::HandleOpen(const v1::InferenceOpen& open) {
+  if (session_) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "session '", session_->request.session_id,
+        "' is already open on this stream; send steps or close the stream"));
+  }
+  if (context_->draining.load()) {
+    return absl::UnavailableError(
+        "node is shutting down and accepts no new sessions; use another node");
+  }
+  POLLEN_RETURN_IF_ERROR(ValidateOpen(open, *context_));
+
+  SessionRequest request;
+  request.session_id = open.session_id();
+  request.from = static_cast<int>(open.blocks().start());
+  request.to = static_cast<int>(open.blocks().end());
+  request.batch_size = open.batch_size() == 0 ? 1 : open.batch_size();
+  request.max_length = open.max_length();
+  POLLEN_ASSIGN_OR_RETURN(session_, context_->sessions->Open(request));
+
+  response_.set_position(0);
+  return absl::OkStatus();
+}
+
+absl::Status InferenceReactor::HandleStep(const v1::InferenceStep& step) {
+  if (!session_) {
+    return absl::FailedPreconditionError(
+        "the first message of an Inference stream must be 'open'");
+  }
+  const SessionRequest& request = session_->request;
+  if (!step.session_id().empty() && step.session_id() != request.session_id) {
+    return absl::NotFoundError(absl::StrCat(
+        "session '", step.session_id(), "' is not open on this stream (it holds '",
+        request.session_id, "')"));
+  }
+
+  // Check the tensor before taking the session lock.
+  POLLEN_ASSIGN_OR_RETURN(at::Tensor hidden,
+                          TensorFromProto(step.hidden_states(), "hidden_states"));
+  const int64_t hidden_size = context_->span->config().hidden_size;
+  if (hidden.dim() != 3 || hidden.size(0) != request.batch_size ||
+      hidden.size(1) < 1 || hidden.size(2) != hidden_size) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "hidden_states shape [", absl::StrJoin(hidden.sizes(), ", "),
+        "] does not match [batch ", request.batch_size, ", new_tokens >= 1, hidden ",
+        hidden_size, "]"));
+  }
+  const int64_t new_tokens = hidden.size(1);
+
+  absl::MutexLock lock(&session_->mu);
+  if (session_->closed) {
+    return absl::NotFoundError(absl::StrCat("session '", request.session_id,
+                                            "' not found: it was closed (",
+                                            session_->closed_reason, ")"));
+  }
+  if (step.position() != session_->position) {
+    return absl::AbortedError(absl::StrCat(
+        "step position ", step.position(), " does not match the ",
+        session_->position, " tokens session '", request.session_id,
+        "' holds; replay from position 0"));
+  }
+  if (session_->position + new_tokens > request.max_length) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "step of ", new_tokens, " tokens at position ", session_->position,
+        " exceeds max_length ", request.max_length, " of session '",
+        request.session_id, "'"));
+  }
+
+  POLLEN_ASSIGN_OR_RETURN(
+      at::Tensor output,
+      context_->span->Forward(hidden, session_->cache, session_->position,
+                              request.from, request.to));
+  session_->position += new_tokens;
+  session_->last_used = absl::Now();
+
+  POLLEN_RETURN_IF_ERROR(
+      TensorToProto(output.to(hidden.scalar_type()),
+                    response_.mutable_hidden_states()));
+  response_.set_position(static_cast<uint32_t>(session_->position));
+  POLLEN_LOG_DEBUG("session {}: {} tokens at position {}", request.session_id,
+                   new_tokens, session_->position - new_tokens);
+  return absl::OkStatus();
+}
+
+}  // namespace pollen::node

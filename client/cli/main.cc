@@ -1,1 +1,209 @@
-int main() { return 0; }
+// The `pollen` command: one binary for nodes, clients and local swarms.
+#include <cstdlib>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
+#include "client/cli/commands.h"
+#include "common/logging.h"
+
+// Model and swarm.
+ABSL_FLAG(std::string, model, "", "Hugging Face checkpoint folder (config.json, safetensors, tokenizer.model)");
+ABSL_FLAG(std::string, model_id, "", "Model id announced in the DHT; defaults to the model folder's name");
+ABSL_FLAG(std::string, initial_peers, "", "Comma-separated HOST:PORT DHT addresses of swarm members to join through");
+
+// pollen node.
+ABSL_FLAG(std::string, blocks, "", "Blocks to serve as START:END (END excluded), e.g. 0:16");
+ABSL_FLAG(int, port, 0, "TCP port of the node's gRPC server; 0 picks a free port");
+ABSL_FLAG(std::string, host, "0.0.0.0", "Address the node's gRPC server listens on");
+ABSL_FLAG(std::string, announce_host, "127.0.0.1", "Host name or IP that clients use to reach this node; announced in the DHT");
+ABSL_FLAG(int, dht_port, 0, "UDP port of the node's DHT participant; 0 picks a free port");
+ABSL_FLAG(std::string, identity, "", "File holding the node's signing identity (created on first start); empty uses a new one each start");
+ABSL_FLAG(int64_t, cache_tokens, 16384, "KV cache budget in tokens (batch x positions) across all sessions");
+ABSL_FLAG(std::string, public_name, "", "Name shown in `pollen status`; defaults to the node's address");
+ABSL_FLAG(std::string, dtype, "float32", "Weight and KV cache dtype: float32, float16 or bfloat16");
+ABSL_FLAG(std::string, device, "cpu", "libtorch device: cpu, cuda or cuda:N");
+ABSL_FLAG(int, threads, 0, "Intra-op threads for libtorch; 0 keeps libtorch's default");
+ABSL_FLAG(int, session_idle_timeout_s, 300, "Seconds without a step after which a session's cache is freed");
+ABSL_FLAG(int, announce_period_s, 30, "Seconds between DHT announcements");
+ABSL_FLAG(int, record_ttl_s, 90, "Seconds an announcement stays valid; must exceed --announce_period_s");
+
+// Generation.
+ABSL_FLAG(std::string, prompt, "", "Text to continue");
+ABSL_FLAG(int, max_new_tokens, 32, "Maximum number of tokens to generate (per turn in chat)");
+ABSL_FLAG(double, temperature, 0.0, "Sampling temperature; 0 means greedy");
+ABSL_FLAG(int, top_k, 0, "Sample among the K most likely tokens; 0 disables");
+ABSL_FLAG(double, top_p, 1.0, "Sample among the most likely tokens whose probabilities sum to P; 1 disables");
+ABSL_FLAG(double, repetition_penalty, 1.0, "Penalty for tokens already in the context; 1 disables");
+ABSL_FLAG(uint64_t, seed, 0, "Random seed for sampling");
+ABSL_FLAG(int, max_length, 0, "chat: tokens the whole conversation may use; 0 means the model's maximum");
+ABSL_FLAG(int, discovery_wait_s, 30, "Seconds to wait for nodes covering every block");
+ABSL_FLAG(int, step_timeout_s, 60, "Seconds one step through one node may take");
+ABSL_FLAG(bool, json, false, "Print JSON instead of text");
+
+// pollen local-swarm.
+ABSL_FLAG(int, nodes, 2, "local-swarm: number of node processes");
+ABSL_FLAG(std::string, work_dir, "", "local-swarm: folder for node logs and identities; default a temporary one");
+
+ABSL_FLAG(std::string, log_level, "", "Log level: trace, debug, info, warn, error; default info for node, warn for other commands");
+
+namespace {
+
+constexpr char kUsage[] = R"(pollen: run large language models across a swarm of machines.
+
+Usage: pollen COMMAND [--flags]
+
+Commands:
+  node         serve blocks of a model to the swarm
+                 pollen node --model DIR --blocks A:B --port P [--initial-peers HOST:PORT]
+  generate     generate text through the swarm
+                 pollen generate --model DIR --initial-peers HOST:PORT --prompt TEXT
+  chat         one user turn per input line, in one session
+  status       show what the swarm serves, block by block
+                 pollen status --initial-peers HOST:PORT [--json]
+  local-swarm  start N nodes on this machine, generate, and stop
+                 pollen local-swarm --model DIR --nodes N --prompt TEXT
+
+Flags use dashes or underscores: --max-new-tokens and --max_new_tokens are the same.)";
+
+std::vector<std::string> SplitPeers(const std::string& peers) {
+  return absl::StrSplit(peers, ',', absl::SkipWhitespace());
+}
+
+bool ParseBlocks(const std::string& text, int* start, int* end) {
+  const std::vector<std::string> parts = absl::StrSplit(text, ':');
+  return parts.size() == 2 && absl::SimpleAtoi(parts[0], start) &&
+         absl::SimpleAtoi(parts[1], end);
+}
+
+pollen::cli::GenerateCommandOptions GenerateOptionsFromFlags() {
+  pollen::cli::GenerateCommandOptions options;
+  options.client.model_dir = absl::GetFlag(FLAGS_model);
+  options.client.model_id = absl::GetFlag(FLAGS_model_id);
+  options.client.initial_peers = SplitPeers(absl::GetFlag(FLAGS_initial_peers));
+  options.client.discovery_wait = absl::Seconds(absl::GetFlag(FLAGS_discovery_wait_s));
+  options.client.step_timeout = absl::Seconds(absl::GetFlag(FLAGS_step_timeout_s));
+  options.prompt = absl::GetFlag(FLAGS_prompt);
+  options.generation.max_new_tokens = absl::GetFlag(FLAGS_max_new_tokens);
+  options.generation.sampling.temperature =
+      static_cast<float>(absl::GetFlag(FLAGS_temperature));
+  options.generation.sampling.top_k = absl::GetFlag(FLAGS_top_k);
+  options.generation.sampling.top_p = static_cast<float>(absl::GetFlag(FLAGS_top_p));
+  options.generation.sampling.repetition_penalty =
+      static_cast<float>(absl::GetFlag(FLAGS_repetition_penalty));
+  options.generation.sampling.seed = absl::GetFlag(FLAGS_seed);
+  options.json = absl::GetFlag(FLAGS_json);
+  options.max_length = absl::GetFlag(FLAGS_max_length);
+  return options;
+}
+
+int RunNode() {
+  pollen::node::NodeOptions options;
+  options.model_dir = absl::GetFlag(FLAGS_model);
+  options.model_id = absl::GetFlag(FLAGS_model_id);
+  const std::string blocks = absl::GetFlag(FLAGS_blocks);
+  if (!ParseBlocks(blocks, &options.block_start, &options.block_end)) {
+    std::cerr << "error: --blocks must be START:END, e.g. 0:16; got '" << blocks
+              << "'\n";
+    return 2;
+  }
+  options.listen_host = absl::GetFlag(FLAGS_host);
+  options.port = absl::GetFlag(FLAGS_port);
+  options.announce_host = absl::GetFlag(FLAGS_announce_host);
+  options.dht_port = absl::GetFlag(FLAGS_dht_port);
+  options.initial_peers = SplitPeers(absl::GetFlag(FLAGS_initial_peers));
+  options.identity_path = absl::GetFlag(FLAGS_identity);
+  options.public_name = absl::GetFlag(FLAGS_public_name);
+  options.cache_tokens = absl::GetFlag(FLAGS_cache_tokens);
+  options.dtype = absl::GetFlag(FLAGS_dtype);
+  options.device = absl::GetFlag(FLAGS_device);
+  options.threads = absl::GetFlag(FLAGS_threads);
+  options.session_idle_timeout =
+      absl::Seconds(absl::GetFlag(FLAGS_session_idle_timeout_s));
+  options.announce_period = absl::Seconds(absl::GetFlag(FLAGS_announce_period_s));
+  options.record_ttl = absl::Seconds(absl::GetFlag(FLAGS_record_ttl_s));
+  return pollen::cli::RunNodeCommand(options);
+}
+
+// absl flags use underscores; accept the dashed spelling users expect.
+std::vector<char*> NormalizeFlagNames(int argc, char** argv,
+                                      std::vector<std::string>& storage) {
+  storage.assign(argv, argv + argc);
+  for (std::string& arg : storage) {
+    if (arg.rfind("--", 0) != 0) continue;
+    const size_t name_end = std::min(arg.find('='), arg.size());
+    for (size_t i = 2; i < name_end; ++i) {
+      if (arg[i] == '-') arg[i] = '_';
+    }
+  }
+  std::vector<char*> result;
+  for (std::string& arg : storage) result.push_back(arg.data());
+  return result;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(kUsage);
+  std::vector<std::string> storage;
+  std::vector<char*> normalized = NormalizeFlagNames(argc, argv, storage);
+  const std::vector<char*> positional =
+      absl::ParseCommandLine(static_cast<int>(normalized.size()), normalized.data());
+  if (positional.size() != 2) {
+    std::cerr << kUsage << "\n";
+    return 2;
+  }
+  const std::string command = positional[1];
+
+  // Client commands print their results on stdout; keep stderr quiet
+  // unless asked.
+  pollen::InitLogging(command == "node" ? "node" : "pollen");
+  std::string log_level = absl::GetFlag(FLAGS_log_level);
+  if (log_level.empty() && std::getenv("POLLEN_LOG_LEVEL") == nullptr) {
+    log_level = command == "node" ? "info" : "warn";
+  }
+  if (!log_level.empty() && !pollen::SetLogLevel(log_level)) {
+    std::cerr << "error: unknown --log-level '" << log_level << "'\n";
+    return 2;
+  }
+
+  const bool needs_model = command == "node" || command == "generate" ||
+                           command == "chat" || command == "local-swarm";
+  if (needs_model && absl::GetFlag(FLAGS_model).empty()) {
+    std::cerr << "error: pollen " << command << " needs --model DIR\n";
+    return 2;
+  }
+  const bool needs_peers =
+      command == "generate" || command == "chat" || command == "status";
+  if (needs_peers && absl::GetFlag(FLAGS_initial_peers).empty()) {
+    std::cerr << "error: pollen " << command
+              << " needs --initial-peers HOST:PORT of a swarm member\n";
+    return 2;
+  }
+
+  if (command == "node") return RunNode();
+  if (command == "generate") return pollen::cli::RunGenerateCommand(GenerateOptionsFromFlags());
+  if (command == "chat") return pollen::cli::RunChatCommand(GenerateOptionsFromFlags());
+  if (command == "status") {
+    pollen::cli::StatusCommandOptions options;
+    options.initial_peers = SplitPeers(absl::GetFlag(FLAGS_initial_peers));
+    options.json = absl::GetFlag(FLAGS_json);
+    return pollen::cli::RunStatusCommand(options);
+  }
+  if (command == "local-swarm") {
+    pollen::cli::LocalSwarmCommandOptions options;
+    options.generate = GenerateOptionsFromFlags();
+    options.num_nodes = absl::GetFlag(FLAGS_nodes);
+    options.cache_tokens = absl::GetFlag(FLAGS_cache_tokens);
+    options.dtype = absl::GetFlag(FLAGS_dtype);
+    options.work_dir = absl::GetFlag(FLAGS_work_dir);
+    return pollen::cli::RunLocalSwarmCommand(options);
+  }
+  std::cerr << "error: unknown command '" << command << "'\n\n" << kUsage << "\n";
+  return 2;
+}

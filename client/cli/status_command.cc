@@ -1,0 +1,157 @@
+// `pollen status`: what the swarm serves, block by block.
+#include <iostream>
+#include <map>
+#include <set>
+
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/str_format.h"
+#include "client/cli/commands.h"
+#include "common/dht_registry.h"
+#include "scheduler/route.h"
+
+namespace pollen::cli {
+namespace {
+
+constexpr absl::Duration kFetchTimeout = absl::Seconds(5);
+
+std::string StateName(v1::NodeState state) {
+  switch (state) {
+    case v1::NODE_STATE_JOINING:
+      return "joining";
+    case v1::NODE_STATE_ONLINE:
+      return "online";
+    case v1::NODE_STATE_OFFLINE:
+      return "offline";
+    default:
+      return "unknown";
+  }
+}
+
+nlohmann::json NodeToJson(const v1::NodeRecord& record, int64_t now_ms) {
+  return {{"node_id", record.node_id()},
+          {"name", record.public_name()},
+          {"address", record.address()},
+          {"blocks", {record.blocks().start(), record.blocks().end()}},
+          {"state", StateName(record.state())},
+          {"cache_tokens_left", record.cache_tokens_left()},
+          {"throughput", record.throughput()},
+          {"version", record.version()},
+          {"age_s", (now_ms - record.announced_ms()) / 1000.0}};
+}
+
+// Collects one model's view: its nodes and, per block, who serves it.
+nlohmann::json DescribeModel(DhtRegistry& registry, const std::string& model_id,
+                             int num_blocks, int64_t now_ms) {
+  nlohmann::json model = {{"model_id", model_id}, {"num_blocks", num_blocks}};
+  auto records = registry.FetchSpan(model_id, 0, num_blocks, kFetchTimeout);
+  if (!records.ok()) {
+    model["error"] = std::string(records.status().message());
+    return model;
+  }
+
+  nlohmann::json nodes = nlohmann::json::array();
+  nlohmann::json blocks = nlohmann::json::array();
+  std::vector<int> unserved;
+  for (const v1::NodeRecord& record : *records) {
+    nodes.push_back(NodeToJson(record, now_ms));
+  }
+  for (int block = 0; block < num_blocks; ++block) {
+    nlohmann::json serving = nlohmann::json::array();
+    bool online = false;
+    for (const v1::NodeRecord& record : *records) {
+      if (static_cast<int>(record.blocks().start()) <= block &&
+          block < static_cast<int>(record.blocks().end())) {
+        serving.push_back(record.node_id());
+        online = online || record.state() == v1::NODE_STATE_ONLINE;
+      }
+    }
+    if (!online) unserved.push_back(block);
+    blocks.push_back({{"block", block}, {"nodes", serving}});
+  }
+  model["nodes"] = nodes;
+  model["blocks"] = blocks;
+  model["unserved_blocks"] = unserved;
+  return model;
+}
+
+void PrintModel(const nlohmann::json& model) {
+  std::cout << "model " << model["model_id"].get<std::string>() << " ("
+            << model["num_blocks"].get<int>() << " blocks)\n";
+  if (model.contains("error")) {
+    std::cout << "  error: " << model["error"].get<std::string>() << "\n";
+    return;
+  }
+  std::map<std::string, nlohmann::json> nodes;
+  for (const auto& node : model["nodes"]) {
+    nodes[node["node_id"].get<std::string>()] = node;
+  }
+  for (const auto& block : model["blocks"]) {
+    std::cout << "  block " << block["block"].get<int>() << ":";
+    if (block["nodes"].empty()) std::cout << " not served";
+    std::cout << "\n";
+    for (const auto& node_id : block["nodes"]) {
+      const nlohmann::json& node = nodes[node_id.get<std::string>()];
+      std::cout << absl::StrFormat(
+          "    %s  %s  blocks %d:%d  %s  %d cache tokens left  %.0fs ago\n",
+          node["name"].get<std::string>(), node["address"].get<std::string>(),
+          node["blocks"][0].get<int>(), node["blocks"][1].get<int>(),
+          node["state"].get<std::string>(),
+          node["cache_tokens_left"].get<int64_t>(), node["age_s"].get<double>());
+    }
+  }
+  const auto unserved = model["unserved_blocks"].get<std::vector<int>>();
+  if (!unserved.empty()) {
+    std::cout << "  not served: blocks " << scheduler::FormatBlockList(unserved)
+              << "\n";
+  }
+}
+
+}  // namespace
+
+int RunStatusCommand(const StatusCommandOptions& options) {
+  if (options.initial_peers.empty()) {
+    std::cerr << "error: pass --initial-peers HOST:PORT of a node in the swarm\n";
+    return 2;
+  }
+  DhtOptions dht_options;
+  dht_options.bootstrap = options.initial_peers;
+  auto registry = DhtRegistry::Start(dht_options);
+  if (!registry.ok()) {
+    std::cerr << "error: " << registry.status().message() << "\n";
+    return 1;
+  }
+  const absl::Status connected = (*registry)->WaitConnected(absl::Seconds(10));
+  if (!connected.ok()) {
+    std::cerr << "error: " << connected.message() << "\n";
+    return 1;
+  }
+  auto index = (*registry)->FetchModelIndex(kFetchTimeout);
+  if (!index.ok()) {
+    std::cerr << "error: " << index.status().message() << "\n";
+    return 1;
+  }
+
+  // The index holds one record per node; a model's size is in each.
+  std::map<std::string, int> models;
+  for (const v1::NodeRecord& record : *index) {
+    int& num_blocks = models[record.model_id()];
+    num_blocks = std::max(num_blocks, static_cast<int>(record.num_blocks()));
+  }
+  const int64_t now_ms = absl::ToUnixMillis(absl::Now());
+  nlohmann::json output = {{"models", nlohmann::json::array()}};
+  for (const auto& [model_id, num_blocks] : models) {
+    output["models"].push_back(
+        DescribeModel(**registry, model_id, num_blocks, now_ms));
+  }
+
+  if (options.json) {
+    std::cout << output.dump() << "\n";
+    return 0;
+  }
+  if (models.empty()) std::cout << "no models announced in this swarm\n";
+  for (const auto& model : output["models"]) PrintModel(model);
+  return 0;
+}
+
+}  // namespace pollen::cli

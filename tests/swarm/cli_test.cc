@@ -1,0 +1,197 @@
+// The `pollen` command as users and scripts run it.
+#include <signal.h>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include <sstream>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "tests/support/swarm_fixture.h"
+#include "tests/support/test_support.h"
+
+namespace pollen::testing {
+namespace {
+
+constexpr char kReferenceText[] =
+    "Once upon a time, there was a little girl named Lily. She loved to play "
+    "outside in the park. One day, she saw a big, red ball. She wanted to play "
+    "with it,";
+
+std::vector<int> Ids(const nlohmann::json& array) {
+  return array.get<std::vector<int>>();
+}
+
+TEST(Cli, LocalSwarmPrintsReferenceStory) {
+  const CommandResult result = RunCommand(
+      {PollenBinary(), "local-swarm", "--model", Stories260kDir(), "--nodes",
+       "3", "--prompt", kStoriesPrompt, "--max-new-tokens", "48",
+       "--temperature", "0"});
+  ASSERT_EQ(result.exit_code, 0) << result.stderr_text;
+  EXPECT_EQ(result.stdout_text, std::string(kReferenceText) + "\n");
+}
+
+TEST(Cli, LocalSwarmJsonHasReferenceIds) {
+  const CommandResult result = RunCommand(
+      {PollenBinary(), "local-swarm", "--model", Stories260kDir(), "--nodes",
+       "2", "--prompt", kStoriesPrompt, "--max-new-tokens", "48", "--json"});
+  ASSERT_EQ(result.exit_code, 0) << result.stderr_text;
+  const auto output = nlohmann::json::parse(result.stdout_text);
+  EXPECT_EQ(Ids(output["prompt_ids"]), kStoriesPromptIds);
+  EXPECT_EQ(Ids(output["new_ids"]), kStoriesReferenceIds);
+  EXPECT_EQ(output["route"].size(), 2u);
+}
+
+class CliSwarmTest : public ::testing::Test {
+ protected:
+  // Three hand-started nodes serving 0:2, 2:4 and 4:5.
+  static void SetUpTestSuite() {
+    swarm_ = new LocalSwarm();
+    for (const auto& [start, end] :
+         std::vector<std::pair<int, int>>{{0, 2}, {2, 4}, {4, 5}}) {
+      auto index = swarm_->StartNode(Stories260kDir(), "stories260k", start, end);
+      ASSERT_TRUE(index.ok()) << index.status();
+    }
+  }
+  static void TearDownTestSuite() {
+    delete swarm_;
+    swarm_ = nullptr;
+  }
+
+  static std::vector<std::string> ClientArgs(const std::string& command) {
+    return {PollenBinary(), command, "--model", Stories260kDir(),
+            "--initial-peers", swarm_->peer()};
+  }
+
+  static LocalSwarm* swarm_;
+};
+
+LocalSwarm* CliSwarmTest::swarm_ = nullptr;
+
+TEST_F(CliSwarmTest, GenerateJsonMatchesReference) {
+  std::vector<std::string> argv = ClientArgs("generate");
+  argv.insert(argv.end(), {"--prompt", kStoriesPrompt, "--max-new-tokens",
+                           "48", "--temperature", "0", "--json"});
+  const CommandResult result = RunCommand(argv);
+  ASSERT_EQ(result.exit_code, 0) << result.stderr_text;
+
+  const auto output = nlohmann::json::parse(result.stdout_text);
+  EXPECT_EQ(Ids(output["prompt_ids"]), kStoriesPromptIds);
+  EXPECT_EQ(Ids(output["new_ids"]), kStoriesReferenceIds);
+  EXPECT_EQ(std::string(kStoriesPrompt) + output["text"].get<std::string>(),
+            kReferenceText);
+  EXPECT_GT(output["ms_per_token"].get<double>(), 0);
+  ASSERT_EQ(output["route"].size(), 3u);
+  EXPECT_EQ(output["route"][0]["blocks"], nlohmann::json({0, 2}));
+  EXPECT_EQ(output["route"][1]["blocks"], nlohmann::json({2, 4}));
+  EXPECT_EQ(output["route"][2]["blocks"], nlohmann::json({4, 5}));
+  EXPECT_EQ(output["route"][1]["address"], swarm_->node(1).address);
+}
+
+TEST_F(CliSwarmTest, GenerateStreamsText) {
+  std::vector<std::string> argv = ClientArgs("generate");
+  argv.insert(argv.end(), {"--prompt", kStoriesPrompt, "--max-new-tokens", "48"});
+  const CommandResult result = RunCommand(argv);
+  ASSERT_EQ(result.exit_code, 0) << result.stderr_text;
+  EXPECT_EQ(result.stdout_text, std::string(kReferenceText) + "\n");
+}
+
+TEST_F(CliSwarmTest, ChatJsonPrintsOneObjectPerTurn) {
+  std::vector<std::string> argv = ClientArgs("chat");
+  argv.insert(argv.end(), {"--max-new-tokens", "16", "--json", "--max-length", "128"});
+  const CommandResult result =
+      RunCommand(argv, std::string(kStoriesPrompt) + "\nThe dog\n");
+  ASSERT_EQ(result.exit_code, 0) << result.stderr_text;
+
+  const std::vector<std::string> lines =
+      absl::StrSplit(result.stdout_text, '\n', absl::SkipEmpty());
+  ASSERT_EQ(lines.size(), 2u) << result.stdout_text;
+  const auto first = nlohmann::json::parse(lines[0]);
+  const auto second = nlohmann::json::parse(lines[1]);
+  EXPECT_EQ(Ids(first["new_ids"]),
+            std::vector<int>(kStoriesReferenceIds.begin(),
+                             kStoriesReferenceIds.begin() + 16));
+  EXPECT_EQ(second["new_ids"].size(), 16u);
+  for (const char* key : {"prompt_ids", "new_ids", "text", "route", "ms_per_token"}) {
+    EXPECT_TRUE(second.contains(key)) << key;
+  }
+}
+
+TEST_F(CliSwarmTest, StatusJsonListsEveryBlock) {
+  std::vector<std::string> argv = {PollenBinary(), "status", "--initial-peers",
+                                   swarm_->peer(), "--json"};
+  const CommandResult result = RunCommand(argv);
+  ASSERT_EQ(result.exit_code, 0) << result.stderr_text;
+  const auto output = nlohmann::json::parse(result.stdout_text);
+
+  const nlohmann::json* model = nullptr;
+  for (const auto& entry : output["models"]) {
+    if (entry["model_id"] == "stories260k") model = &entry;
+  }
+  ASSERT_NE(model, nullptr) << result.stdout_text;
+  EXPECT_EQ((*model)["num_blocks"], 5);
+  EXPECT_EQ((*model)["nodes"].size(), 3u);
+  EXPECT_TRUE((*model)["unserved_blocks"].empty());
+  ASSERT_EQ((*model)["blocks"].size(), 5u);
+  for (const auto& block : (*model)["blocks"]) {
+    EXPECT_EQ(block["nodes"].size(), 1u) << block.dump();
+  }
+  const auto& node = (*model)["nodes"][0];
+  for (const char* key : {"name", "address", "blocks", "state",
+                          "cache_tokens_left", "age_s"}) {
+    EXPECT_TRUE(node.contains(key)) << key;
+  }
+  EXPECT_EQ(node["state"], "online");
+}
+
+TEST_F(CliSwarmTest, StatusTextShowsBlocks) {
+  const CommandResult result = RunCommand(
+      {PollenBinary(), "status", "--initial-peers", swarm_->peer()});
+  ASSERT_EQ(result.exit_code, 0) << result.stderr_text;
+  EXPECT_NE(result.stdout_text.find("model stories260k (5 blocks)"),
+            std::string::npos) << result.stdout_text;
+  EXPECT_NE(result.stdout_text.find("block 4:"), std::string::npos);
+}
+
+TEST_F(CliSwarmTest, GenerateRejectsBadSampling) {
+  std::vector<std::string> argv = ClientArgs("generate");
+  argv.insert(argv.end(), {"--prompt", "Hi", "--temperature", "-1"});
+  const CommandResult result = RunCommand(argv);
+  EXPECT_EQ(result.exit_code, 1);
+  EXPECT_NE(result.stderr_text.find("temperature"), std::string::npos)
+      << result.stderr_text;
+}
+
+TEST(Cli, SigtermWithdrawsNode) {
+  LocalSwarm swarm;
+  auto index = swarm.StartNode(Stories260kDir(), "withdraw", 0, 5);
+  ASSERT_TRUE(index.ok()) << index.status();
+
+  swarm.node(*index).process.Signal(SIGTERM);
+  EXPECT_EQ(swarm.node(*index).process.Wait(absl::Seconds(20)), 0)
+      << swarm.node(*index).process.LogTail();
+
+  auto records = swarm.registry().FetchBlock("withdraw", 0, absl::Seconds(5));
+  ASSERT_TRUE(records.ok()) << records.status();
+  ASSERT_FALSE(records->empty());
+  for (const v1::NodeRecord& record : *records) {
+    EXPECT_EQ(record.state(), v1::NODE_STATE_OFFLINE);
+  }
+}
+
+TEST(Cli, UnknownCommandShowsUsage) {
+  const CommandResult result = RunCommand({PollenBinary(), "fly"});
+  EXPECT_EQ(result.exit_code, 2);
+  EXPECT_NE(result.stderr_text.find("unknown command 'fly'"), std::string::npos);
+}
+
+TEST(Cli, NodeRejectsMalformedBlocks) {
+  const CommandResult result = RunCommand(
+      {PollenBinary(), "node", "--model", Stories260kDir(), "--blocks", "two"});
+  EXPECT_EQ(result.exit_code, 2);
+  EXPECT_NE(result.stderr_text.find("--blocks must be START:END"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace pollen::testing

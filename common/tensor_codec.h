@@ -1,0 +1,28 @@
+// Conversion between pollen.v1.Tensor messages and at::Tensor.
+//
+// The wire layout is row-major little-endian elements. Pollen runs only on
+// little-endian hosts (x86-64, AArch64), so bytes are copied as they are.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include "absl/status/statusor.h"
+#include "pollen/v1/pollen.pb.h"
+
+namespace pollen {
+
+// Largest tensor payload accepted from the wire, in bytes. It bounds the
+// memory a single request can make a node allocate.
+inline constexpr int64_t kMaxTensorBytes = int64_t{1} << 30;
+
+// Parses `proto` into a CPU tensor that owns its memory. Rejects unknown
+// dtypes or compression, negative dimensions, more than 8 dimensions, and
+// data whose size does not match the shape, naming `what` in the message.
+absl::StatusOr<at::Tensor> TensorFromProto(const v1::Tensor& proto,
+                                           const std::string& what);
+
+// Writes `tensor` (float32, float16 or bfloat16, on any device) into `proto`.
+// Other dtypes are INVALID_ARGUMENT.
+absl::Status TensorToProto(const at::Tensor& tensor, v1::Tensor* proto);
+
+}  // namespace pollen

@@ -1,0 +1,63 @@
+// A Pollen node: serves a span of blocks over gRPC and announces it in the
+// DHT until it is told to stop.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/time/time.h"
+
+namespace pollen::node {
+
+struct NodeOptions {
+  // Hugging Face checkpoint folder; only the tensors of the span are read.
+  std::string model_dir;
+  // Id announced in the DHT; empty means DefaultModelId(model_dir).
+  std::string model_id;
+  // Blocks [block_start, block_end) to serve.
+  int block_start = 0;
+  int block_end = 0;
+
+  // Address the gRPC server binds; port 0 picks a free port.
+  std::string listen_host = "0.0.0.0";
+  int port = 0;
+  // Host clients use to reach this node, announced with the bound port.
+  std::string announce_host = "127.0.0.1";
+  // UDP port of the DHT; 0 picks a free port.
+  int dht_port = 0;
+  // DHT peers to join ("host:port"); empty starts a new swarm.
+  std::vector<std::string> initial_peers;
+  // Where the node's signing identity is kept; created on first start.
+  // Empty means a new identity on every start.
+  std::string identity_path;
+  // Name shown by `pollen status`; defaults to the announced address.
+  std::string public_name;
+
+  // Cache tokens (batch * positions) all sessions may reserve together.
+  int64_t cache_tokens = 16384;
+  // Sessions without a step for this long are freed.
+  absl::Duration session_idle_timeout = absl::Minutes(5);
+  // How often the record is re-announced, and how long each announcement
+  // stays valid. The validity must exceed the period so that records do not
+  // lapse between refreshes.
+  absl::Duration announce_period = absl::Seconds(30);
+  absl::Duration record_ttl = absl::Seconds(90);
+  // How long open sessions may run on after SIGTERM before being cancelled.
+  absl::Duration drain_timeout = absl::Seconds(5);
+
+  // "float32", "float16" or "bfloat16": the dtype of weights and KV cache.
+  std::string dtype = "float32";
+  // libtorch device string: "cpu", "cuda", "cuda:1".
+  std::string device = "cpu";
+  // Intra-op threads for libtorch; 0 keeps libtorch's default.
+  int threads = 0;
+};
+
+// Runs a node until SIGINT or SIGTERM, then withdraws its records and stops.
+// Returns an error when the node cannot start: bad options, a missing or
+// broken checkpoint, a port in use, or an unreachable DHT.
+absl::Status RunNode(const NodeOptions& options);
+
+}  // namespace pollen::node

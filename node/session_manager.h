@@ -1,0 +1,87 @@
+// Inference sessions open on a node and the KV cache budget they share.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "node/llama_block.h"
+
+namespace pollen::node {
+
+class BlockSpan;
+
+// What a client asks for when it opens a session.
+struct SessionRequest {
+  std::string session_id;
+  int from = 0;  // first block, absolute index
+  int to = 0;    // one past the last block
+  int64_t batch_size = 1;
+  int64_t max_length = 0;
+};
+
+// One client's state on this node: the KV cache of blocks [from, to) and the
+// number of positions it holds. A session is used by one stream at a time;
+// `mu` serialises its steps against the idle reaper.
+struct Session {
+  SessionRequest request;
+  int64_t reserved_tokens = 0;  // batch_size * max_length
+
+  absl::Mutex mu;
+  int64_t position ABSL_GUARDED_BY(mu) = 0;
+  std::vector<LayerKvCache> cache ABSL_GUARDED_BY(mu);  // one per block
+  absl::Time last_used ABSL_GUARDED_BY(mu);
+  // Set when the session was freed (closed or idle too long); its cache is
+  // released and further steps fail.
+  bool closed ABSL_GUARDED_BY(mu) = false;
+  std::string closed_reason ABSL_GUARDED_BY(mu);
+};
+
+struct SessionLimits {
+  // Cache tokens (batch * positions) all open sessions may reserve together.
+  int64_t cache_token_budget = 0;
+  // Sessions with no step for this long are freed.
+  absl::Duration idle_timeout = absl::Seconds(300);
+  // Largest batch one session may use.
+  int64_t max_batch_size = 64;
+};
+
+// Owns the open sessions of a node. Thread-safe.
+class SessionManager {
+ public:
+  // `span` must outlive the manager.
+  SessionManager(const BlockSpan& span, SessionLimits limits);
+
+  // Reserves the cache for a new session. Returns ALREADY_EXISTS for a
+  // duplicate id and RESOURCE_EXHAUSTED when the budget is short, naming the
+  // tokens requested and left.
+  absl::StatusOr<std::shared_ptr<Session>> Open(const SessionRequest& request);
+
+  // Frees a session's cache and budget. Unknown ids are ignored.
+  void Close(const std::string& session_id, const std::string& reason);
+
+  // Frees sessions idle since before now - idle_timeout that are not in the
+  // middle of a step. Returns how many were freed.
+  int CloseIdle(absl::Time now);
+
+  int64_t cache_tokens_left() const;
+  int64_t cache_tokens_total() const { return limits_.cache_token_budget; }
+  int open_sessions() const;
+  const SessionLimits& limits() const { return limits_; }
+
+ private:
+  const BlockSpan& span_;
+  const SessionLimits limits_;
+
+  mutable absl::Mutex mu_;
+  std::map<std::string, std::shared_ptr<Session>> sessions_ ABSL_GUARDED_BY(mu_);
+  int64_t reserved_tokens_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+}  // namespace pollen::node

@@ -1,0 +1,142 @@
+#include "tests/support/swarm_fixture.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "absl/strings/str_cat.h"
+#include "tests/support/test_support.h"
+
+namespace pollen::testing {
+namespace {
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream file(path);
+  std::stringstream content;
+  content << file.rdbuf();
+  return content.str();
+}
+
+std::string MakeWorkDir() {
+  std::string pattern =
+      (std::filesystem::temp_directory_path() / "pollen-swarm-test-XXXXXX").string();
+  if (mkdtemp(pattern.data()) == nullptr) std::abort();
+  return pattern;
+}
+
+}  // namespace
+
+LocalSwarm::LocalSwarm() : work_dir_(MakeWorkDir()) {
+  auto registry = DhtRegistry::Start(DhtOptions{});
+  if (!registry.ok()) {
+    fprintf(stderr, "cannot start bootstrap DHT: %s\n",
+            registry.status().ToString().c_str());
+    std::abort();
+  }
+  registry_ = std::move(*registry);
+}
+
+std::string LocalSwarm::peer() const {
+  return absl::StrCat("127.0.0.1:", registry_->port());
+}
+
+absl::StatusOr<int> LocalSwarm::StartNode(
+    const std::string& model_dir, const std::string& model_id, int start,
+    int end, const std::vector<std::string>& extra_flags) {
+  const int index = static_cast<int>(nodes_.size());
+  const std::string name = absl::StrCat("test-node-", index);
+  const std::string node_dir = absl::StrCat(work_dir_, "/", name);
+  std::filesystem::create_directories(node_dir);
+
+  std::vector<std::string> argv = {
+      PollenBinary(), "node", "--model", model_dir, "--model-id", model_id,
+      "--blocks", absl::StrCat(start, ":", end), "--port", "0", "--host",
+      "127.0.0.1", "--initial-peers", peer(), "--identity",
+      node_dir + "/identity", "--public-name", name,
+      // Short periods keep restarts and withdrawals quick in tests.
+      "--announce-period-s", "2", "--record-ttl-s", "10"};
+  argv.insert(argv.end(), extra_flags.begin(), extra_flags.end());
+  auto process = cli::ChildProcess::Start(argv, node_dir + "/node.log");
+  if (!process.ok()) return process.status();
+
+  auto handle = std::make_unique<NodeHandle>(
+      NodeHandle{name, "", std::move(*process)});
+
+  // Wait for the node's own record, found by its unique name.
+  const absl::Time deadline = absl::Now() + absl::Seconds(60);
+  while (handle->address.empty()) {
+    if (!handle->process.IsRunning()) {
+      return absl::UnavailableError(absl::StrCat(
+          name, " exited during startup:\n", handle->process.LogTail()));
+    }
+    if (absl::Now() > deadline) {
+      return absl::DeadlineExceededError(absl::StrCat(
+          name, " did not announce itself within 60s:\n",
+          handle->process.LogTail()));
+    }
+    auto records = registry_->FetchBlock(model_id, start, absl::Seconds(2));
+    if (records.ok()) {
+      for (const v1::NodeRecord& record : *records) {
+        if (record.public_name() == name &&
+            record.state() == v1::NODE_STATE_ONLINE) {
+          handle->address = record.address();
+        }
+      }
+    }
+    if (handle->address.empty()) absl::SleepFor(absl::Milliseconds(100));
+  }
+  nodes_.push_back(std::move(handle));
+  return index;
+}
+
+CommandResult RunCommand(const std::vector<std::string>& argv,
+                         const std::string& stdin_text,
+                         absl::Duration timeout) {
+  TempDir dir;
+  const std::string in_path = dir.path() + "/stdin";
+  const std::string out_path = dir.path() + "/stdout";
+  const std::string err_path = dir.path() + "/stderr";
+  std::ofstream(in_path) << stdin_text;
+
+  std::vector<char*> args;
+  for (const std::string& arg : argv) args.push_back(const_cast<char*>(arg.c_str()));
+  args.push_back(nullptr);
+
+  const pid_t pid = fork();
+  if (pid == 0) {
+    const int in_fd = open(in_path.c_str(), O_RDONLY);
+    const int out_fd = open(out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    const int err_fd = open(err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    dup2(in_fd, STDIN_FILENO);
+    dup2(out_fd, STDOUT_FILENO);
+    dup2(err_fd, STDERR_FILENO);
+    execv(args[0], args.data());
+    _exit(127);
+  }
+
+  CommandResult result;
+  const absl::Time deadline = absl::Now() + timeout;
+  int status = 0;
+  while (waitpid(pid, &status, WNOHANG) == 0) {
+    if (absl::Now() > deadline) {
+      kill(pid, SIGKILL);
+      waitpid(pid, &status, 0);
+      result.stdout_text = ReadFile(out_path);
+      result.stderr_text = ReadFile(err_path);
+      return result;
+    }
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  result.stdout_text = ReadFile(out_path);
+  result.stderr_text = ReadFile(err_path);
+  return result;
+}
+
+}  // namespace pollen::testing
