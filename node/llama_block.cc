@@ -1,0 +1,283 @@
+#include "node/llama_block.h"
+
+#include <cmath>
+#include <limits>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <ATen/ATen.h>
+
+#include "absl/strings/str_cat.h"
+
+#include "common/status_util.h"
+
+namespace pollen::node {
+namespace {
+
+// rotate_half(x) = cat(-x2, x1), where x1 and x2 are the halves of the last
+// dimension.
+at::Tensor RotateHalf(const at::Tensor& x) {
+  const int64_t half = x.size(-1) / 2;
+  return at::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
+}
+
+void CheckShape(const at::Tensor& tensor, const char* name,
+                at::IntArrayRef expected) {
+  TORCH_CHECK(tensor.defined(), "weight ", name, " is undefined");
+  TORCH_CHECK(tensor.sizes() == expected, "weight ", name, " has shape ",
+              tensor.sizes(), ", expected ", expected);
+}
+
+}  // namespace
+
+RotaryEmbedding::RotaryEmbedding(const ModelConfig& config,
+                                 int64_t max_positions, at::ScalarType dtype,
+                                 at::Device device)
+    : max_positions_(max_positions) {
+  const int64_t head_dim = config.head_dim;
+  const auto options = at::TensorOptions().dtype(at::kDouble);
+
+  // inv_freq[i] = 1 / theta^(2i / head_dim), i < head_dim / 2.
+  const at::Tensor exponents =
+      at::arange(0, head_dim, 2, options) / static_cast<double>(head_dim);
+  const at::Tensor inv_freq = at::pow(config.rope_theta, exponents).reciprocal();
+
+  // angles[p, j] = p * inv_freq[j mod head_dim/2].
+  const at::Tensor positions = at::arange(max_positions, options);
+  const at::Tensor freqs = at::outer(positions, inv_freq);
+  const at::Tensor angles = at::cat({freqs, freqs}, -1);
+
+  cos_ = angles.cos().to(device, dtype);
+  sin_ = angles.sin().to(device, dtype);
+}
+
+LlamaBlock::LlamaBlock(int block_index, const ModelConfig& config,
+                       LlamaBlockWeights weights,
+                       std::shared_ptr<const RotaryEmbedding> rotary)
+    : block_index_(block_index),
+      hidden_size_(config.hidden_size),
+      num_heads_(config.num_attention_heads),
+      num_kv_heads_(config.num_key_value_heads),
+      head_dim_(config.head_dim),
+      rms_norm_eps_(config.rms_norm_eps),
+      rotary_(std::move(rotary)) {
+  const int64_t hidden = hidden_size_;
+  const int64_t q_out = num_heads_ * head_dim_;
+  const int64_t kv_out = num_kv_heads_ * head_dim_;
+  const int64_t intermediate = config.intermediate_size;
+  CheckShape(weights.input_layernorm, "input_layernorm", {hidden});
+  CheckShape(weights.q_proj, "q_proj", {q_out, hidden});
+  CheckShape(weights.k_proj, "k_proj", {kv_out, hidden});
+  CheckShape(weights.v_proj, "v_proj", {kv_out, hidden});
+  CheckShape(weights.o_proj, "o_proj", {hidden, q_out});
+  CheckShape(weights.post_attention_layernorm, "post_attention_layernorm",
+             {hidden});
+  CheckShape(weights.gate_proj, "gate_proj", {intermediate, hidden});
+  CheckShape(weights.up_proj, "up_proj", {intermediate, hidden});
+  CheckShape(weights.down_proj, "down_proj", {hidden, intermediate});
+  TORCH_CHECK(rotary_ != nullptr, "block ", block_index, " has no rotary table");
+  TORCH_CHECK(rotary_->cos().size(1) == head_dim_, "rotary table has ",
+              rotary_->cos().size(1), " columns, expected head_dim ",
+              head_dim_);
+
+  input_layernorm_ = std::move(weights.input_layernorm);
+  qkv_proj_ = at::cat({weights.q_proj, weights.k_proj, weights.v_proj}, 0);
+  o_proj_ = std::move(weights.o_proj);
+  post_attention_layernorm_ = std::move(weights.post_attention_layernorm);
+  gate_up_proj_ = at::cat({weights.gate_proj, weights.up_proj}, 0);
+  down_proj_ = std::move(weights.down_proj);
+}
+
+absl::StatusOr<LlamaBlock> LlamaBlock::Load(
+    const Checkpoint& checkpoint, int block_index, at::ScalarType dtype,
+    at::Device device, std::shared_ptr<const RotaryEmbedding> rotary) {
+  const ModelConfig& config = checkpoint.config();
+  const int64_t hidden = config.hidden_size;
+  const int64_t q_out = config.num_attention_heads * config.head_dim;
+  const int64_t kv_out = config.num_key_value_heads * config.head_dim;
+  const int64_t intermediate = config.intermediate_size;
+  const std::string prefix = absl::StrCat("model.layers.", block_index, ".");
+
+  auto load = [&](const std::string& name,
+                  std::vector<int64_t> shape) -> absl::StatusOr<at::Tensor> {
+    return checkpoint.LoadTensor(prefix + name, dtype, device, shape);
+  };
+  LlamaBlockWeights weights;
+  POLLEN_ASSIGN_OR_RETURN(weights.input_layernorm,
+                          load("input_layernorm.weight", {hidden}));
+  POLLEN_ASSIGN_OR_RETURN(weights.q_proj,
+                          load("self_attn.q_proj.weight", {q_out, hidden}));
+  POLLEN_ASSIGN_OR_RETURN(weights.k_proj,
+                          load("self_attn.k_proj.weight", {kv_out, hidden}));
+  POLLEN_ASSIGN_OR_RETURN(weights.v_proj,
+                          load("self_attn.v_proj.weight", {kv_out, hidden}));
+  POLLEN_ASSIGN_OR_RETURN(weights.o_proj,
+                          load("self_attn.o_proj.weight", {hidden, q_out}));
+  POLLEN_ASSIGN_OR_RETURN(weights.post_attention_layernorm,
+                          load("post_attention_layernorm.weight", {hidden}));
+  POLLEN_ASSIGN_OR_RETURN(
+      weights.gate_proj, load("mlp.gate_proj.weight", {intermediate, hidden}));
+  POLLEN_ASSIGN_OR_RETURN(
+      weights.up_proj, load("mlp.up_proj.weight", {intermediate, hidden}));
+  POLLEN_ASSIGN_OR_RETURN(
+      weights.down_proj, load("mlp.down_proj.weight", {hidden, intermediate}));
+
+  std::unique_ptr<LlamaBlock> block;
+  POLLEN_RETURN_IF_ERROR(CatchTorchErrors(
+      absl::StrCat("building block ", block_index), [&] {
+        block = std::make_unique<LlamaBlock>(block_index, config,
+                                             std::move(weights),
+                                             std::move(rotary));
+        return absl::OkStatus();
+      }));
+  return std::move(*block);
+}
+
+at::ScalarType LlamaBlock::dtype() const { return qkv_proj_.scalar_type(); }
+
+at::Device LlamaBlock::device() const { return qkv_proj_.device(); }
+
+int64_t LlamaBlock::ParameterBytes() const {
+  int64_t bytes = 0;
+  for (const at::Tensor* weight :
+       {&input_layernorm_, &qkv_proj_, &o_proj_, &post_attention_layernorm_,
+        &gate_up_proj_, &down_proj_}) {
+    bytes += static_cast<int64_t>(weight->nbytes());
+  }
+  return bytes;
+}
+
+at::Tensor LlamaBlock::RmsNorm(const at::Tensor& x,
+                               const at::Tensor& weight) const {
+  const at::Tensor x32 = x.to(at::kFloat);
+  const at::Tensor variance = x32.pow(2).mean(-1, /*keepdim=*/true);
+  return weight * (x32 * at::rsqrt(variance + rms_norm_eps_)).to(x.scalar_type());
+}
+
+at::Tensor LlamaBlock::Forward(const at::Tensor& hidden, LayerKvCache& cache,
+                               int64_t position) const {
+  TORCH_CHECK(hidden.dim() == 3 && hidden.size(2) == hidden_size_,
+              "block ", block_index_, ": hidden states have shape ",
+              hidden.sizes(), ", expected [batch, new_tokens, ", hidden_size_,
+              "]");
+  TORCH_CHECK(hidden.scalar_type() == dtype() && hidden.device() == device(),
+              "block ", block_index_, ": hidden states are ",
+              hidden.scalar_type(), " on ", hidden.device(), ", expected ",
+              dtype(), " on ", device());
+
+  // Attention sublayer with residual.
+  const at::Tensor attention =
+      Attention(RmsNorm(hidden, input_layernorm_), cache, position);
+  const at::Tensor after_attention = hidden + attention;
+
+  // SwiGLU MLP sublayer with residual: down(silu(gate(x)) * up(x)).
+  const int64_t intermediate = down_proj_.size(1);
+  const at::Tensor gate_up = at::linear(
+      RmsNorm(after_attention, post_attention_layernorm_), gate_up_proj_);
+  const at::Tensor gate = gate_up.narrow(-1, 0, intermediate);
+  const at::Tensor up = gate_up.narrow(-1, intermediate, intermediate);
+  const at::Tensor mlp = at::linear(at::silu(gate) * up, down_proj_);
+  return after_attention + mlp;
+}
+
+at::Tensor LlamaBlock::Attention(const at::Tensor& x, LayerKvCache& cache,
+                                 int64_t position) const {
+  const int64_t batch = x.size(0);
+  const int64_t new_tokens = x.size(1);
+  const int64_t total = position + new_tokens;
+  const int64_t group = num_heads_ / num_kv_heads_;
+  const int64_t d = head_dim_;
+
+  // Validate the cache and the position range.
+  TORCH_CHECK(cache.keys.defined() && cache.values.defined(), "block ",
+              block_index_, ": KV cache is not allocated");
+  TORCH_CHECK(cache.keys.dim() == 4, "block ", block_index_,
+              ": KV cache keys have shape ", cache.keys.sizes(),
+              ", expected [batch, kv_heads, max_length, head_dim]");
+  const std::vector<int64_t> cache_shape = {batch, num_kv_heads_,
+                                            cache.keys.size(2), d};
+  TORCH_CHECK(cache.keys.sizes() == at::IntArrayRef(cache_shape) &&
+                  cache.values.sizes() == cache.keys.sizes(),
+              "block ", block_index_, ": KV cache keys ", cache.keys.sizes(),
+              " and values ", cache.values.sizes(), " do not match [", batch,
+              ", ", num_kv_heads_, ", max_length, ", d, "]");
+  TORCH_CHECK(cache.keys.scalar_type() == dtype() &&
+                  cache.values.scalar_type() == dtype() &&
+                  cache.keys.device() == device() &&
+                  cache.values.device() == device(),
+              "block ", block_index_, ": KV cache is ",
+              cache.keys.scalar_type(), " on ", cache.keys.device(),
+              ", expected ", dtype(), " on ", device());
+  TORCH_CHECK(position >= 0 && total <= cache.keys.size(2), "block ",
+              block_index_, ": positions [", position, ", ", total,
+              ") do not fit a KV cache of length ", cache.keys.size(2));
+  TORCH_CHECK(total <= rotary_->max_positions(), "block ", block_index_,
+              ": positions [", position, ", ", total,
+              ") exceed the rotary table of ", rotary_->max_positions(),
+              " positions");
+
+  // Projections: [batch, new_tokens, heads, d] for q, kv_heads for k and v.
+  const at::Tensor qkv = at::linear(x, qkv_proj_);
+  at::Tensor q = qkv.narrow(-1, 0, num_heads_ * d)
+                     .view({batch, new_tokens, num_heads_, d});
+  at::Tensor k = qkv.narrow(-1, num_heads_ * d, num_kv_heads_ * d)
+                     .view({batch, new_tokens, num_kv_heads_, d});
+  const at::Tensor v =
+      qkv.narrow(-1, (num_heads_ + num_kv_heads_) * d, num_kv_heads_ * d)
+          .view({batch, new_tokens, num_kv_heads_, d});
+
+  // Rotary embedding of q and k at their absolute positions.
+  const at::Tensor cos =
+      rotary_->cos().narrow(0, position, new_tokens).view({1, new_tokens, 1, d});
+  const at::Tensor sin =
+      rotary_->sin().narrow(0, position, new_tokens).view({1, new_tokens, 1, d});
+  q = q * cos + RotateHalf(q) * sin;
+  k = k * cos + RotateHalf(k) * sin;
+
+  // Append to the cache, then view all positions so far:
+  // keys, values [batch, kv_heads, total, d].
+  cache.keys.narrow(2, position, new_tokens).copy_(k.transpose(1, 2));
+  cache.values.narrow(2, position, new_tokens).copy_(v.transpose(1, 2));
+  const at::Tensor keys = cache.keys.narrow(2, 0, total);
+  const at::Tensor values = cache.values.narrow(2, 0, total);
+
+  // Grouped-query attention without repeating the keys: query head h uses
+  // kv head h / group, so the group's query heads become extra rows.
+  // scores[b, g, r, s] = sum_d q[b, g, r, d] * keys[b, g, s, d] / sqrt(d),
+  // with r = (head within group) * new_tokens + token.
+  const at::Tensor grouped_q = q.view({batch, new_tokens, num_kv_heads_, group, d})
+                                   .permute({0, 2, 3, 1, 4})
+                                   .reshape({batch, num_kv_heads_,
+                                             group * new_tokens, d});
+  at::Tensor scores = at::matmul(grouped_q, keys.transpose(-1, -2)) *
+                      (1.0 / std::sqrt(static_cast<double>(d)));
+
+  // Causal mask: the token at position + t attends to cache positions up to
+  // position + t. A single new token attends to every cached position, so
+  // decode needs no mask.
+  if (new_tokens > 1) {
+    const auto index_options =
+        at::TensorOptions().dtype(at::kLong).device(device());
+    const at::Tensor key_positions = at::arange(total, index_options);
+    const at::Tensor query_positions =
+        at::arange(position, total, index_options).unsqueeze(1);
+    const at::Tensor future = key_positions > query_positions;  // [t, total]
+    scores = scores.view({batch, num_kv_heads_, group, new_tokens, total})
+                 .masked_fill(future, -std::numeric_limits<double>::infinity())
+                 .view({batch, num_kv_heads_, group * new_tokens, total});
+  }
+
+  // Softmax in float32, weighted sum of values, then heads back to
+  // [batch, new_tokens, heads * d] for o_proj.
+  const at::Tensor probs =
+      at::softmax(scores, -1, at::kFloat).to(scores.scalar_type());
+  const at::Tensor context =
+      at::matmul(probs, values)
+          .view({batch, num_kv_heads_, group, new_tokens, d})
+          .permute({0, 3, 1, 2, 4})
+          .reshape({batch, new_tokens, num_heads_ * d});
+  return at::linear(context, o_proj_);
+}
+
+}  // namespace pollen::node

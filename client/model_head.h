@@ -1,0 +1,56 @@
+// The parts of a Llama model that the client runs itself.
+#pragma once
+
+#include <memory>
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
+
+#include "absl/status/statusor.h"
+#include "common/checkpoint.h"
+#include "common/model_config.h"
+
+namespace pollen::client {
+
+// Token embeddings, final RMSNorm and LM head of a checkpoint, without any
+// block weights. Immutable after Load, so thread-safe.
+class ModelHead {
+ public:
+  // Loads model.embed_tokens.weight, model.norm.weight and lm_head.weight
+  // (or, with tie_word_embeddings, the embeddings again in its place) as
+  // `dtype` on `device`. Returns the checkpoint's error when one is missing
+  // or misshaped.
+  static absl::StatusOr<std::unique_ptr<ModelHead>> Load(
+      const Checkpoint& checkpoint, at::ScalarType dtype, at::Device device);
+
+  ModelHead(const ModelHead&) = delete;
+  ModelHead& operator=(const ModelHead&) = delete;
+
+  const ModelConfig& config() const { return config_; }
+  at::ScalarType dtype() const { return embed_tokens_.scalar_type(); }
+  at::Device device() const { return embed_tokens_.device(); }
+
+  // int64 token ids [batch, seq] -> [batch, seq, hidden] in the head's dtype
+  // on its device. The caller checks that ids are below vocab_size; an id
+  // outside that range throws c10::Error.
+  at::Tensor Embed(const at::Tensor& token_ids) const;
+
+  // Hidden states [batch, seq, hidden] of any float dtype and device ->
+  // float32 logits [batch, seq, vocab] on the head's device: final norm,
+  // then the LM head. Throws c10::Error when the last dimension is not
+  // hidden_size.
+  at::Tensor Logits(const at::Tensor& hidden) const;
+
+ private:
+  ModelHead(ModelConfig config, at::Tensor embed_tokens, at::Tensor norm,
+            at::Tensor lm_head);
+
+  const ModelConfig config_;
+  const at::Tensor embed_tokens_;  // [vocab, hidden]
+  const at::Tensor norm_;          // [hidden]
+  // [vocab, hidden]; shares storage with embed_tokens_ when tied.
+  const at::Tensor lm_head_;
+};
+
+}  // namespace pollen::client

@@ -1,0 +1,85 @@
+// The contiguous range of Llama blocks that one node serves.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
+
+#include "absl/status/statusor.h"
+#include "common/checkpoint.h"
+#include "common/model_config.h"
+#include "node/llama_block.h"
+
+namespace pollen::node {
+
+// Blocks [start, end) of one model, loaded from a Checkpoint, plus their
+// shared rotary table. Immutable after Load, so thread-safe. Sessions keep
+// their own KV caches (AllocateCache) and pass them to Forward.
+class BlockSpan {
+ public:
+  // Loads the weights of blocks [start, end) only, so the checkpoint's other
+  // shards may be absent. `dtype` is float32, bfloat16 or (off the CPU)
+  // float16. Returns INVALID_ARGUMENT when the range is empty or outside
+  // [0, num_hidden_layers] or the dtype is unsupported, and the checkpoint's
+  // error when a tensor is missing or misshaped.
+  static absl::StatusOr<std::unique_ptr<BlockSpan>> Load(
+      const Checkpoint& checkpoint, int start, int end, at::ScalarType dtype,
+      at::Device device);
+
+  BlockSpan(const BlockSpan&) = delete;
+  BlockSpan& operator=(const BlockSpan&) = delete;
+
+  int start() const { return start_; }
+  int end() const { return end_; }
+  const ModelConfig& config() const { return config_; }
+  at::ScalarType dtype() const { return dtype_; }
+  at::Device device() const { return device_; }
+
+  // Bytes of all block weights.
+  int64_t ParameterBytes() const;
+
+  // Bytes of KV cache per token per block: 2 * kv_heads * head_dim * element
+  // size.
+  int64_t CacheBytesPerTokenPerBlock() const;
+
+  // Returns one zero-filled LayerKvCache per block of [from, to), each
+  // [batch, kv_heads, max_length, head_dim] in the span's dtype and device.
+  // Returns an empty vector when start <= from < to <= end does not hold or
+  // batch or max_length is not positive. Throws c10::Error (or
+  // std::bad_alloc) when the allocation fails.
+  std::vector<LayerKvCache> AllocateCache(int from, int to, int64_t batch,
+                                          int64_t max_length) const;
+
+  // Runs blocks [from, to) (absolute indices, start <= from < to <= end) on
+  // `hidden` [batch, new_tokens, hidden_size] at positions [position,
+  // position + new_tokens); cache[i] belongs to block from + i. `hidden` may
+  // be any float dtype on any device: it is converted to the span's dtype and
+  // device and the result [batch, new_tokens, hidden_size] converted back.
+  // Runs without autograd. Returns INVALID_ARGUMENT for a bad range, shape,
+  // cache or position, and INTERNAL (RESOURCE_EXHAUSTED when out of memory)
+  // naming the block and shapes when libtorch fails.
+  absl::StatusOr<at::Tensor> Forward(const at::Tensor& hidden,
+                                     std::vector<LayerKvCache>& cache,
+                                     int64_t position, int from, int to) const;
+
+ private:
+  BlockSpan(int start, int end, ModelConfig config, at::ScalarType dtype,
+            at::Device device, std::vector<LlamaBlock> blocks);
+
+  absl::Status ValidateForward(const at::Tensor& hidden,
+                               const std::vector<LayerKvCache>& cache,
+                               int64_t position, int from, int to) const;
+
+  const int start_;
+  const int end_;
+  const ModelConfig config_;
+  const at::ScalarType dtype_;
+  const at::Device device_;
+  const std::vector<LlamaBlock> blocks_;  // blocks_[i] is block start_ + i
+};
+
+}  // namespace pollen::node

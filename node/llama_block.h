@@ -1,0 +1,124 @@
+// One Llama decoder block (Hugging Face LlamaDecoderLayer) with a KV cache.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
+
+#include "absl/status/statusor.h"
+#include "common/checkpoint.h"
+#include "common/model_config.h"
+
+namespace pollen::node {
+
+// Keys and values of one block for one session, after rotary embedding.
+// Both are [batch, num_key_value_heads, max_length, head_dim] in the block's
+// dtype and on its device. Owned by the session, not by the block.
+struct LayerKvCache {
+  at::Tensor keys;
+  at::Tensor values;
+};
+
+// Weights of one block in Hugging Face layout: linear weights are
+// [out_features, in_features], norm weights are [hidden_size].
+struct LlamaBlockWeights {
+  at::Tensor input_layernorm;           // [hidden]
+  at::Tensor q_proj;                    // [heads * head_dim, hidden]
+  at::Tensor k_proj;                    // [kv_heads * head_dim, hidden]
+  at::Tensor v_proj;                    // [kv_heads * head_dim, hidden]
+  at::Tensor o_proj;                    // [hidden, heads * head_dim]
+  at::Tensor post_attention_layernorm;  // [hidden]
+  at::Tensor gate_proj;                 // [intermediate, hidden]
+  at::Tensor up_proj;                   // [intermediate, hidden]
+  at::Tensor down_proj;                 // [hidden, intermediate]
+};
+
+// Rotary position tables in Hugging Face's rotate-half layout: for position p
+// and column j, angle = p * theta^(-2 (j mod head_dim/2) / head_dim), so the
+// two halves of each row repeat the same frequencies. Computed in float64,
+// stored in `dtype`. Immutable after construction, so thread-safe.
+class RotaryEmbedding {
+ public:
+  RotaryEmbedding(const ModelConfig& config, int64_t max_positions,
+                  at::ScalarType dtype, at::Device device);
+
+  const at::Tensor& cos() const { return cos_; }  // [max_positions, head_dim]
+  const at::Tensor& sin() const { return sin_; }  // [max_positions, head_dim]
+  int64_t max_positions() const { return max_positions_; }
+
+ private:
+  int64_t max_positions_;
+  at::Tensor cos_;
+  at::Tensor sin_;
+};
+
+// A Llama decoder block: RMSNorm, grouped-query self-attention with rotary
+// embeddings and a KV cache, RMSNorm, SwiGLU MLP, each with a residual.
+//
+// Immutable after construction. Forward is const and thread-safe across
+// sessions as long as each call gets its own cache. Forward takes no autograd
+// guard itself, so callers choose between inference and training.
+class LlamaBlock {
+ public:
+  // Takes `weights` in `config`'s shapes, all of one dtype on one device,
+  // and the rotary tables of that dtype and device. Throws c10::Error when a
+  // shape differs.
+  LlamaBlock(int block_index, const ModelConfig& config,
+             LlamaBlockWeights weights,
+             std::shared_ptr<const RotaryEmbedding> rotary);
+
+  // Loads tensors model.layers.{block_index}.* from `checkpoint`, converted
+  // to `dtype` on `device`. Errors name the missing or misshaped tensor.
+  static absl::StatusOr<LlamaBlock> Load(
+      const Checkpoint& checkpoint, int block_index, at::ScalarType dtype,
+      at::Device device, std::shared_ptr<const RotaryEmbedding> rotary);
+
+  // Runs the block on `hidden` [batch, new_tokens, hidden_size], whose
+  // tokens sit at positions [position, position + new_tokens). Writes their
+  // keys and values into `cache` at those positions and attends causally
+  // over cache positions [0, position + new_tokens), so cache positions
+  // below `position` must hold this session's earlier tokens. Returns
+  // [batch, new_tokens, hidden_size] in the block's dtype.
+  //
+  // Throws c10::Error when dtypes, devices or shapes disagree, or when
+  // position + new_tokens exceeds the cache length or the rotary table.
+  at::Tensor Forward(const at::Tensor& hidden, LayerKvCache& cache,
+                     int64_t position) const;
+
+  int block_index() const { return block_index_; }
+  at::ScalarType dtype() const;
+  at::Device device() const;
+  int64_t ParameterBytes() const;
+
+ private:
+  // [batch, seq, hidden] -> [batch, seq, hidden]: x / rms(x) * weight, with
+  // the statistics in float32.
+  at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight) const;
+
+  // Self-attention on normalized input [batch, new_tokens, hidden]; returns
+  // the o_proj output [batch, new_tokens, hidden].
+  at::Tensor Attention(const at::Tensor& x, LayerKvCache& cache,
+                       int64_t position) const;
+
+  int block_index_;
+  int64_t hidden_size_;
+  int64_t num_heads_;
+  int64_t num_kv_heads_;
+  int64_t head_dim_;
+  double rms_norm_eps_;
+  std::shared_ptr<const RotaryEmbedding> rotary_;
+
+  // q, k and v projections stacked into one matrix, and gate and up
+  // likewise, so that each takes one matmul.
+  at::Tensor input_layernorm_;           // [hidden]
+  at::Tensor qkv_proj_;                  // [(heads + 2 kv_heads) * head_dim, hidden]
+  at::Tensor o_proj_;                    // [hidden, heads * head_dim]
+  at::Tensor post_attention_layernorm_;  // [hidden]
+  at::Tensor gate_up_proj_;              // [2 * intermediate, hidden]
+  at::Tensor down_proj_;                 // [hidden, intermediate]
+};
+
+}  // namespace pollen::node
