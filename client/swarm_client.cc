@@ -37,6 +37,9 @@ std::vector<scheduler::ServerSpan> SpansFromRecords(
     span.start = static_cast<int>(record->blocks().start());
     span.end = static_cast<int>(record->blocks().end());
     span.throughput = record->throughput();
+    span.prefill_throughput = record->prefill_throughput();
+    span.next_rtt_ms.insert(record->next_rtt_ms().begin(),
+                            record->next_rtt_ms().end());
     span.cache_tokens_left = static_cast<int64_t>(record->cache_tokens_left());
     spans.push_back(span);
   }

@@ -4,6 +4,7 @@
 // turns DHT records into ServerSpans and asks for a route.
 #pragma once
 
+#include <map>
 #include <set>
 #include <string>
 #include <vector>
@@ -20,8 +21,13 @@ struct ServerSpan {
   int end = 0;
   // Decode steps per second through one block; 0 when unknown.
   double throughput = 0;
+  // Prompt tokens per second through one block; 0 when unknown.
+  double prefill_throughput = 0;
   // Cache tokens the node can still reserve.
   int64_t cache_tokens_left = 0;
+  // Announced round-trip times in milliseconds from this node to the nodes
+  // serving the blocks after its span, by node id.
+  std::map<std::string, double> next_rtt_ms;
 };
 
 // One hop of a route: `server` runs blocks [start, end), a sub-range of its

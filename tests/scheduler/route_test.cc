@@ -7,7 +7,14 @@ namespace {
 
 ServerSpan Span(const std::string& id, int start, int end,
                 int64_t cache = 1000, double throughput = 1) {
-  return ServerSpan{id, id + ":1", start, end, throughput, cache};
+  ServerSpan span;
+  span.node_id = id;
+  span.address = id + ":1";
+  span.start = start;
+  span.end = end;
+  span.throughput = throughput;
+  span.cache_tokens_left = cache;
+  return span;
 }
 
 std::vector<std::string> NodeIds(const std::vector<RouteHop>& route) {
