@@ -38,11 +38,21 @@ class Client::Impl {
     const int num_blocks = static_cast<int>(config().num_hidden_layers);
     POLLEN_ASSIGN_OR_RETURN(
         std::vector<scheduler::RouteHop> route,
-        swarm->FindRoute(model_id, num_blocks, options.discovery_wait));
+        swarm->FindRoute(model_id, 0, num_blocks, options.discovery_wait));
     client::ChainOptions chain_options;
     chain_options.model_id = model_id;
     chain_options.max_length = max_length;
     chain_options.step_timeout = options.step_timeout;
+    chain_options.reroute = [this](int start, int end,
+                                   const std::set<std::string>& excluded) {
+      scheduler::RouteOptions route_options;
+      route_options.excluded_nodes = excluded;
+      return swarm->FindRoute(model_id, start, end, options.discovery_wait,
+                              route_options);
+    };
+    chain_options.on_node_failure = [this](const std::string& node_id) {
+      swarm->ReportFailure(node_id);
+    };
     return InferenceChain::Open(channels, route, chain_options);
   }
 
@@ -111,7 +121,6 @@ absl::StatusOr<GenerationResult> Client::Impl::Continue(
 
   GenerationResult result;
   result.prompt_ids = input_ids;
-  result.route = DescribeRoute(chain);
   history.insert(history.end(), input_ids.begin(), input_ids.end());
   // The stream decodes new ids after the context, so that the first new
   // piece keeps its leading space.
@@ -145,6 +154,8 @@ absl::StatusOr<GenerationResult> Client::Impl::Continue(
     if (options.stop_at_eos && next == config().eos_token_id) break;
     to_feed = {next};
   }
+  // Failovers may have changed the route; report the one that finished.
+  result.route = DescribeRoute(chain);
   const std::string rest = text_stream.Flush();
   if (on_text && !rest.empty()) on_text(rest);
   result.text = text_stream.text();

@@ -25,6 +25,22 @@ std::string DescribeHop(const scheduler::RouteHop& hop) {
 
 }  // namespace
 
+bool IsFailoverError(const absl::Status& status) {
+  switch (status.code()) {
+    case absl::StatusCode::kUnavailable:
+    case absl::StatusCode::kDeadlineExceeded:
+    case absl::StatusCode::kCancelled:
+    case absl::StatusCode::kAborted:
+    case absl::StatusCode::kNotFound:
+    case absl::StatusCode::kResourceExhausted:
+    case absl::StatusCode::kInternal:
+    case absl::StatusCode::kUnknown:
+      return true;
+    default:
+      return false;
+  }
+}
+
 std::shared_ptr<grpc::Channel> ChannelPool::Get(const std::string& address) {
   absl::MutexLock lock(&mu_);
   auto it = channels_.find(address);
@@ -33,8 +49,13 @@ std::shared_ptr<grpc::Channel> ChannelPool::Get(const std::string& address) {
   grpc::ChannelArguments arguments;
   arguments.SetMaxReceiveMessageSize(kMaxMessageBytes);
   arguments.SetMaxSendMessageSize(kMaxMessageBytes);
+  // Keepalive pings find a dead node during a long wait between steps.
   arguments.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 20000);
   arguments.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
+  // A failed node should be reported at once rather than retried for the
+  // default backoff of up to two minutes.
+  arguments.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 200);
+  arguments.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 2000);
   // Each channel gets its own connection, so that a stuck node cannot delay
   // streams to other nodes sharing a subchannel.
   arguments.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
@@ -53,6 +74,11 @@ std::string NewSessionId() {
 // One Inference stream to one node.
 class InferenceChain::HopStream {
  public:
+  struct StepOutput {
+    at::Tensor hidden;  // [batch, new_tokens, hidden]
+    bool draining = false;
+  };
+
   HopStream(const scheduler::RouteHop& hop,
             std::shared_ptr<grpc::Channel> channel)
       : hop_(hop), stub_(v1::BlockService::NewStub(std::move(channel))) {}
@@ -74,7 +100,7 @@ class InferenceChain::HopStream {
     return Exchange(request, &response, timeout);
   }
 
-  absl::StatusOr<at::Tensor> Step(const at::Tensor& hidden, int64_t position,
+  absl::StatusOr<StepOutput> Step(const at::Tensor& hidden, int64_t position,
                                   absl::Duration timeout) {
     v1::InferenceRequest request;
     v1::InferenceStep* step = request.mutable_step();
@@ -84,30 +110,40 @@ class InferenceChain::HopStream {
 
     v1::InferenceResponse response;
     POLLEN_RETURN_IF_ERROR(Exchange(request, &response, timeout));
-    return TensorFromProto(response.hidden_states(),
-                           absl::StrCat("output of ", DescribeHop(hop_)));
+    StepOutput output;
+    output.draining = response.draining();
+    POLLEN_ASSIGN_OR_RETURN(
+        output.hidden,
+        TensorFromProto(response.hidden_states(),
+                        absl::StrCat("output of ", DescribeHop(hop_))));
+    return output;
   }
 
   void Close() {
     if (stream_ == nullptr || closed_) return;
     closed_ = true;
-    // Half-close, then collect the status so that the node sees a clean end
-    // of stream and frees the session at once.
-    if (!failed_) {
-      stream_->WritesDone();
-      const grpc::Status status = stream_->Finish();
-      if (!status.ok()) {
-        POLLEN_LOG_DEBUG("closing stream to {}: {}", DescribeHop(hop_),
-                         status.error_message());
-      }
-    } else {
+    if (failed_) {
       context_.TryCancel();
+      return;
+    }
+    // Half-close, then collect the status, so that the node sees a clean end
+    // of stream and frees the session at once. A node that died is not
+    // waited for.
+    context_.set_deadline(std::chrono::system_clock::now() +
+                          std::chrono::seconds(5));
+    stream_->WritesDone();
+    const grpc::Status status = stream_->Finish();
+    if (!status.ok()) {
+      POLLEN_LOG_DEBUG("closing stream to {}: {}", DescribeHop(hop_),
+                       status.error_message());
     }
   }
 
+  const scheduler::RouteHop& hop() const { return hop_; }
+
  private:
   // Writes one request and reads its response within `timeout`. On failure
-  // it fetches the node's status so the error says why.
+  // it fetches the node's status so that the error says why.
   absl::Status Exchange(const v1::InferenceRequest& request,
                         v1::InferenceResponse* response,
                         absl::Duration timeout) {
@@ -125,6 +161,7 @@ class InferenceChain::HopStream {
       context_.TryCancel();
       exchange.wait();
       failed_ = true;
+      closed_ = true;
       return absl::DeadlineExceededError(
           absl::StrCat(DescribeHop(hop_), " did not answer within ",
                        absl::FormatDuration(timeout)));
@@ -132,11 +169,11 @@ class InferenceChain::HopStream {
     if (exchange.get()) return absl::OkStatus();
 
     failed_ = true;
-    const grpc::Status status = stream_->Finish();
     closed_ = true;
-    const absl::Status error = status.ok()
-        ? absl::UnavailableError("stream closed without a reply")
-        : FromGrpcStatus(status);
+    const grpc::Status status = stream_->Finish();
+    const absl::Status error =
+        status.ok() ? absl::UnavailableError("stream closed without a reply")
+                    : FromGrpcStatus(status);
     return absl::Status(error.code(), absl::StrCat(DescribeHop(hop_), ": ",
                                                    error.message()));
   }
@@ -151,9 +188,20 @@ class InferenceChain::HopStream {
   bool closed_ = false;
 };
 
-InferenceChain::InferenceChain(std::vector<scheduler::RouteHop> route,
-                               ChainOptions options, std::string session_id)
-    : route_(std::move(route)),
+// A hop of the chain: its stream and every input it has accepted.
+struct InferenceChain::Hop {
+  scheduler::RouteHop route_hop;
+  std::unique_ptr<HopStream> stream;  // null until opened
+  // Hidden states sent to this hop, one tensor per completed step (or one
+  // for a replay), [batch, tokens, hidden] each; together they cover
+  // positions [0, position_).
+  std::vector<at::Tensor> inputs;
+  bool draining = false;
+};
+
+InferenceChain::InferenceChain(ChannelPool& channels, ChainOptions options,
+                               std::string session_id)
+    : channels_(channels),
       options_(std::move(options)),
       session_id_(std::move(session_id)) {}
 
@@ -166,31 +214,183 @@ absl::StatusOr<std::unique_ptr<InferenceChain>> InferenceChain::Open(
     return absl::InvalidArgumentError("cannot open a session on an empty route");
   }
   std::unique_ptr<InferenceChain> chain(
-      new InferenceChain(route, options, NewSessionId()));
-  for (const scheduler::RouteHop& hop : route) {
-    auto stream = std::make_unique<HopStream>(
-        hop, channels.Get(hop.server.address));
-    POLLEN_RETURN_IF_ERROR(
-        stream->Open(options, chain->session_id_, options.step_timeout));
-    chain->hops_.push_back(std::move(stream));
+      new InferenceChain(channels, options, NewSessionId()));
+  for (const scheduler::RouteHop& route_hop : route) {
+    auto hop = std::make_unique<Hop>();
+    hop->route_hop = route_hop;
+    chain->hops_.push_back(std::move(hop));
+  }
+
+  for (size_t i = 0; i < chain->hops_.size(); ++i) {
+    absl::Status opened = chain->EnsureOpen(i);
+    for (int attempt = 0; !opened.ok() && IsFailoverError(opened) &&
+                          attempt < options.max_failovers_per_step;
+         ++attempt) {
+      opened = chain->ReplaceHop(i, std::string(opened.message()));
+    }
+    POLLEN_RETURN_IF_ERROR(opened);
   }
   POLLEN_LOG_DEBUG("session {} open through {} nodes", chain->session_id_,
-                   route.size());
+                   chain->hops_.size());
   return chain;
+}
+
+std::vector<scheduler::RouteHop> InferenceChain::route() const {
+  std::vector<scheduler::RouteHop> route;
+  for (const auto& hop : hops_) route.push_back(hop->route_hop);
+  return route;
+}
+
+void InferenceChain::RecordFailure(const std::string& node_id) {
+  excluded_nodes_.insert(node_id);
+  if (options_.on_node_failure) options_.on_node_failure(node_id);
+}
+
+absl::Status InferenceChain::EnsureOpen(size_t index) {
+  Hop& hop = *hops_[index];
+  if (hop.stream != nullptr) return absl::OkStatus();
+  auto stream = std::make_unique<HopStream>(
+      hop.route_hop, channels_.Get(hop.route_hop.server.address));
+  const std::string stream_session_id =
+      absl::StrCat(session_id_, ".", failovers_, ".", index);
+  const absl::Status opened =
+      stream->Open(options_, stream_session_id, options_.step_timeout);
+  if (!opened.ok()) {
+    RecordFailure(hop.route_hop.server.node_id);
+    return opened;
+  }
+  hop.stream = std::move(stream);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<std::unique_ptr<InferenceChain::Hop>>>
+InferenceChain::OpenAndReplay(const std::vector<scheduler::RouteHop>& route,
+                              const at::Tensor& history,
+                              std::string* failed_node) {
+  std::vector<std::unique_ptr<Hop>> hops;
+  at::Tensor current = history;
+  for (size_t i = 0; i < route.size(); ++i) {
+    auto hop = std::make_unique<Hop>();
+    hop->route_hop = route[i];
+    hop->stream = std::make_unique<HopStream>(
+        route[i], channels_.Get(route[i].server.address));
+    *failed_node = route[i].server.node_id;
+    POLLEN_RETURN_IF_ERROR(hop->stream->Open(
+        options_, absl::StrCat(session_id_, ".", failovers_, ".r", i),
+        options_.step_timeout));
+
+    // Replaying the whole history as one step rebuilds the node's cache.
+    if (current.defined()) {
+      POLLEN_ASSIGN_OR_RETURN(
+          HopStream::StepOutput output,
+          hop->stream->Step(current, 0, options_.step_timeout));
+      hop->inputs.push_back(current);
+      hop->draining = output.draining;
+      current = output.hidden;
+    }
+    hops.push_back(std::move(hop));
+  }
+  failed_node->clear();
+  return hops;
+}
+
+absl::Status InferenceChain::ReplaceHop(size_t index, const std::string& reason) {
+  if (!options_.reroute) {
+    return absl::UnavailableError(absl::StrCat(
+        "no way to replace a failed node: ", reason));
+  }
+  Hop& old_hop = *hops_[index];
+  const int start = old_hop.route_hop.start;
+  const int end = old_hop.route_hop.end;
+  const at::Tensor history =
+      old_hop.inputs.empty() ? at::Tensor() : at::cat(old_hop.inputs, 1);
+
+  absl::Status last_error;
+  for (int attempt = 0; attempt < options_.max_failovers_per_step; ++attempt) {
+    auto route = options_.reroute(start, end, excluded_nodes_);
+    if (!route.ok()) {
+      return absl::Status(route.status().code(),
+                          absl::StrCat("cannot replace ",
+                                       DescribeHop(old_hop.route_hop), " (",
+                                       reason, "): ", route.status().message()));
+    }
+    std::string failed_node;
+    auto replacement = OpenAndReplay(*route, history, &failed_node);
+    if (replacement.ok()) {
+      POLLEN_LOG_INFO("session {}: replaced {} with {} node(s) after: {}",
+                      session_id_, DescribeHop(old_hop.route_hop),
+                      route->size(), reason);
+      ++failovers_;
+      if (old_hop.stream) old_hop.stream->Close();
+      hops_.erase(hops_.begin() + index);
+      hops_.insert(hops_.begin() + index,
+                   std::make_move_iterator(replacement->begin()),
+                   std::make_move_iterator(replacement->end()));
+      return absl::OkStatus();
+    }
+    last_error = replacement.status();
+    POLLEN_LOG_WARN("session {}: replacement for blocks {}:{} failed, retrying: {}",
+                    session_id_, start, end, last_error.ToString());
+    if (!IsFailoverError(last_error)) return last_error;
+    if (!failed_node.empty()) RecordFailure(failed_node);
+  }
+  return last_error;
 }
 
 absl::StatusOr<at::Tensor> InferenceChain::Step(const at::Tensor& hidden) {
   at::Tensor current = hidden;
-  for (size_t i = 0; i < hops_.size(); ++i) {
-    POLLEN_ASSIGN_OR_RETURN(
-        current, hops_[i]->Step(current, position_, options_.step_timeout));
+  int failovers_this_step = 0;
+  for (size_t i = 0; i < hops_.size();) {
+    absl::Status status = EnsureOpen(i);
+    if (status.ok()) {
+      auto output = hops_[i]->stream->Step(current, position_,
+                                           options_.step_timeout);
+      if (output.ok()) {
+        hops_[i]->inputs.push_back(current);
+        hops_[i]->draining = hops_[i]->draining || output->draining;
+        current = output->hidden;
+        ++i;
+        continue;
+      }
+      status = output.status();
+      RecordFailure(hops_[i]->route_hop.server.node_id);
+    }
+
+    // The hop failed: move its blocks to other nodes and run this step
+    // again from the same hop.
+    if (!IsFailoverError(status) ||
+        ++failovers_this_step > options_.max_failovers_per_step) {
+      return status;
+    }
+    POLLEN_LOG_WARN("session {} at position {}: {}", session_id_, position_,
+                    status.ToString());
+    POLLEN_RETURN_IF_ERROR(ReplaceHop(i, std::string(status.message())));
   }
   position_ += hidden.size(1);
+  MigrateDrainingHops();
   return current;
 }
 
+void InferenceChain::MigrateDrainingHops() {
+  for (size_t i = 0; i < hops_.size(); ++i) {
+    if (!hops_[i]->draining) continue;
+    // Not a failure: the node asked to be left, so it is only excluded here.
+    excluded_nodes_.insert(hops_[i]->route_hop.server.node_id);
+    const std::string node = DescribeHop(hops_[i]->route_hop);
+    const absl::Status moved = ReplaceHop(i, "the node is draining");
+    if (!moved.ok()) {
+      // The old node keeps serving until its drain timeout; try again after
+      // the next step.
+      POLLEN_LOG_WARN("session {}: cannot move off draining {}: {}",
+                      session_id_, node, moved.ToString());
+    }
+  }
+}
+
 void InferenceChain::Close() {
-  for (auto& hop : hops_) hop->Close();
+  for (auto& hop : hops_) {
+    if (hop->stream) hop->stream->Close();
+  }
   hops_.clear();
 }
 

@@ -1,9 +1,18 @@
 // An inference session that runs through a chain of nodes, one gRPC
-// Inference stream per hop.
+// Inference stream per hop, and survives the failure of any node.
+//
+// The chain keeps, for every hop, the hidden states it has sent. When a
+// node fails (or announces that it is draining), the chain asks for other
+// nodes covering that hop's blocks, replays the kept inputs so that they
+// rebuild the KV cache, and carries on. Because the replacements compute the
+// same function of the same inputs, the outputs are the ones a chain with no
+// failure would have produced.
 #pragma once
 
+#include <functional>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -30,6 +39,10 @@ class ChannelPool {
       ABSL_GUARDED_BY(mu_);
 };
 
+// Finds nodes for blocks [start, end) that are not in `excluded`.
+using RerouteFunction = std::function<absl::StatusOr<std::vector<scheduler::RouteHop>>(
+    int start, int end, const std::set<std::string>& excluded)>;
+
 struct ChainOptions {
   std::string model_id;
   int64_t batch_size = 1;
@@ -37,13 +50,23 @@ struct ChainOptions {
   int64_t max_length = 0;
   // Deadline for opening a hop and for each step through one hop.
   absl::Duration step_timeout = absl::Seconds(60);
+  // Replaces failed or draining hops; without it a failure ends the session.
+  RerouteFunction reroute;
+  // Told about every node that failed a request, e.g. to ban it.
+  std::function<void(const std::string& node_id)> on_node_failure;
+  // Replacements tried for one step before giving up.
+  int max_failovers_per_step = 8;
 };
+
+// True for errors after which another node may succeed: the node is gone,
+// timed out, lost the session, or is full.
+bool IsFailoverError(const absl::Status& status);
 
 // Not thread-safe: one step at a time.
 class InferenceChain {
  public:
-  // Opens a session on every hop of `route`; fails with the first hop's
-  // error, naming the node.
+  // Opens a session on every hop of `route`, replacing hops that fail to
+  // open.
   static absl::StatusOr<std::unique_ptr<InferenceChain>> Open(
       ChannelPool& channels, const std::vector<scheduler::RouteHop>& route,
       const ChainOptions& options);
@@ -55,8 +78,11 @@ class InferenceChain {
 
   // Positions each node holds.
   int64_t position() const { return position_; }
-  const std::vector<scheduler::RouteHop>& route() const { return route_; }
+  // The hops in use now; failovers change it.
+  std::vector<scheduler::RouteHop> route() const;
   const std::string& session_id() const { return session_id_; }
+  // Hops replaced so far because a node failed or drained.
+  int failovers() const { return failovers_; }
 
   // Closes every stream; the nodes free their caches.
   void Close();
@@ -64,14 +90,34 @@ class InferenceChain {
   class HopStream;
 
  private:
-  InferenceChain(std::vector<scheduler::RouteHop> route, ChainOptions options,
+  struct Hop;
+
+  InferenceChain(ChannelPool& channels, ChainOptions options,
                  std::string session_id);
 
-  const std::vector<scheduler::RouteHop> route_;
+  // Opens hop `index` if it has no stream yet.
+  absl::Status EnsureOpen(size_t index);
+  // Replaces hop `index` with nodes found by options_.reroute (one or more
+  // hops over the same blocks), replaying its kept inputs into them.
+  absl::Status ReplaceHop(size_t index, const std::string& reason);
+  // Opens `route` and replays `history` [batch, position, hidden] through
+  // it. Returns the new hops, or the first error with the node that failed
+  // in `failed_node`.
+  absl::StatusOr<std::vector<std::unique_ptr<Hop>>> OpenAndReplay(
+      const std::vector<scheduler::RouteHop>& route, const at::Tensor& history,
+      std::string* failed_node);
+  // Moves hops whose node announced draining to other nodes.
+  void MigrateDrainingHops();
+  void RecordFailure(const std::string& node_id);
+
+  ChannelPool& channels_;
   const ChainOptions options_;
   const std::string session_id_;
-  std::vector<std::unique_ptr<HopStream>> hops_;
+  std::vector<std::unique_ptr<Hop>> hops_;
+  // Nodes this session stopped using: failed or draining.
+  std::set<std::string> excluded_nodes_;
   int64_t position_ = 0;
+  int failovers_ = 0;
 };
 
 // Returns a random 128-bit session id as hex.

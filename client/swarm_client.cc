@@ -13,6 +13,8 @@ namespace {
 
 constexpr absl::Duration kFetchTimeout = absl::Seconds(5);
 constexpr absl::Duration kPollInterval = absl::Milliseconds(500);
+constexpr absl::Duration kFirstBan = absl::Seconds(1);
+constexpr absl::Duration kMaxBan = absl::Minutes(5);
 
 }  // namespace
 
@@ -61,16 +63,39 @@ absl::StatusOr<std::unique_ptr<SwarmClient>> SwarmClient::Connect(
   return std::unique_ptr<SwarmClient>(new SwarmClient(std::move(registry)));
 }
 
+void SwarmClient::ReportFailure(const std::string& node_id) {
+  absl::MutexLock lock(&mu_);
+  Ban& ban = bans_[node_id];
+  ban.failures = std::min(ban.failures + 1, 20);
+  const absl::Duration duration =
+      std::min(kMaxBan, kFirstBan * (int64_t{1} << (ban.failures - 1)));
+  ban.until = absl::Now() + duration;
+  POLLEN_LOG_WARN("banned node {} for {} after {} failure(s) in a row",
+                  node_id, absl::FormatDuration(duration), ban.failures);
+}
+
+std::set<std::string> SwarmClient::BannedNodes(absl::Time now) const {
+  absl::MutexLock lock(&mu_);
+  std::set<std::string> banned;
+  for (const auto& [node_id, ban] : bans_) {
+    if (ban.until > now) banned.insert(node_id);
+  }
+  return banned;
+}
+
 absl::StatusOr<std::vector<scheduler::RouteHop>> SwarmClient::FindRoute(
-    const std::string& model_id, int num_blocks, absl::Duration wait,
+    const std::string& model_id, int start, int end, absl::Duration wait,
     const scheduler::RouteOptions& route_options) {
   const absl::Time deadline = absl::Now() + wait;
   absl::Status last_error;
   for (int attempt = 1;; ++attempt) {
-    auto records = registry_->FetchSpan(model_id, 0, num_blocks, kFetchTimeout);
+    auto records = registry_->FetchSpan(model_id, start, end, kFetchTimeout);
     if (records.ok()) {
+      scheduler::RouteOptions options = route_options;
+      const std::set<std::string> banned = BannedNodes(absl::Now());
+      options.excluded_nodes.insert(banned.begin(), banned.end());
       auto route = scheduler::FindFewestHopsRoute(
-          SpansFromRecords(*records, model_id), 0, num_blocks, route_options);
+          SpansFromRecords(*records, model_id), start, end, options);
       if (route.ok()) return route;
       last_error = route.status();
     } else {

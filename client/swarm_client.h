@@ -1,11 +1,15 @@
 // Discovery of the nodes that serve a model, through the DHT.
 #pragma once
 
+#include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/dht_registry.h"
 #include "pollen/v1/pollen.pb.h"
@@ -25,20 +29,34 @@ class SwarmClient {
   static absl::StatusOr<std::unique_ptr<SwarmClient>> Connect(
       const std::vector<std::string>& initial_peers);
 
-  // Returns the fewest-hops route over blocks [0, num_blocks) of `model_id`,
-  // polling the DHT until every block is served or `wait` has passed. The
-  // error then names the blocks nobody serves.
+  // Returns a route over blocks [start, end) of `model_id` that avoids
+  // banned nodes and `route_options.excluded_nodes`, polling the DHT until
+  // every block is served or `wait` has passed. The error then names the
+  // blocks nobody serves.
   absl::StatusOr<std::vector<scheduler::RouteHop>> FindRoute(
-      const std::string& model_id, int num_blocks, absl::Duration wait,
+      const std::string& model_id, int start, int end, absl::Duration wait,
       const scheduler::RouteOptions& route_options = {});
+
+  // Bans `node_id` from routes for a time that doubles with each failure
+  // in a row (1 s, 2 s, 4 s, ... up to 5 minutes).
+  void ReportFailure(const std::string& node_id);
+  // Nodes banned at `now`.
+  std::set<std::string> BannedNodes(absl::Time now) const;
 
   DhtRegistry& registry() { return *registry_; }
 
  private:
+  struct Ban {
+    int failures = 0;
+    absl::Time until;
+  };
+
   explicit SwarmClient(std::unique_ptr<DhtRegistry> registry)
       : registry_(std::move(registry)) {}
 
   std::unique_ptr<DhtRegistry> registry_;
+  mutable absl::Mutex mu_;
+  std::map<std::string, Ban> bans_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace pollen::client

@@ -65,7 +65,7 @@ absl::Status WaitForCoverage(int num_blocks, const std::string& model_id,
             ") ends with:\n", nodes[i].LogTail()));
       }
     }
-    auto route = swarm.FindRoute(model_id, num_blocks, absl::ZeroDuration());
+    auto route = swarm.FindRoute(model_id, 0, num_blocks, absl::ZeroDuration());
     if (route.ok()) return absl::OkStatus();
     if (absl::Now() > deadline) {
       return absl::DeadlineExceededError(absl::StrCat(

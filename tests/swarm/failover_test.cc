@@ -1,0 +1,199 @@
+// Nodes die while clients use them: generation moves to other nodes and
+// produces exactly the tokens of a run with no failure.
+#include <signal.h>
+
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
+
+#include <random>
+
+#include "absl/strings/str_cat.h"
+#include "pollen/client.h"
+#include "pollen/v1/pollen.grpc.pb.h"
+#include "tests/support/swarm_fixture.h"
+#include "tests/support/test_support.h"
+
+namespace pollen::testing {
+namespace {
+
+constexpr char kModelId[] = "failover";
+
+// Each of the two halves of stories260k is served by three nodes, so that
+// any two nodes may die.
+class FailoverTest : public ::testing::Test {
+ protected:
+  static constexpr int kReplicas = 3;
+
+  void SetUp() override {
+    for (int replica = 0; replica < kReplicas; ++replica) {
+      StartNode(0, 2);
+      StartNode(2, 5);
+    }
+  }
+
+  void StartNode(int start, int end) {
+    auto index = swarm_.StartNode(Stories260kDir(), kModelId, start, end);
+    ASSERT_TRUE(index.ok()) << index.status();
+    spans_[*index] = {start, end};
+  }
+
+  std::unique_ptr<Client> Connect() {
+    ClientOptions options;
+    options.model_dir = Stories260kDir();
+    options.model_id = kModelId;
+    options.initial_peers = {swarm_.peer()};
+    options.discovery_wait = absl::Seconds(5);
+    options.step_timeout = absl::Seconds(10);
+    auto client = Client::Connect(options);
+    EXPECT_TRUE(client.ok()) << client.status();
+    return client.ok() ? std::move(*client) : nullptr;
+  }
+
+  // Sessions open on node `index`, from its Info RPC; -1 when it is down.
+  int OpenSessions(int index) {
+    auto stub = v1::BlockService::NewStub(grpc::CreateChannel(
+        swarm_.node(index).address, grpc::InsecureChannelCredentials()));
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() +
+                         std::chrono::seconds(2));
+    v1::InfoResponse info;
+    if (!stub->Info(&context, v1::InfoRequest(), &info).ok()) return -1;
+    return static_cast<int>(info.open_sessions());
+  }
+
+  // Kills (SIGKILL) a live node that serves `block` and has a session open,
+  // and returns its index, or -1 when none has.
+  int KillBusyNode(int block) {
+    for (const auto& [index, span] : spans_) {
+      if (span.first > block || block >= span.second) continue;
+      if (!swarm_.node(index).process.IsRunning()) continue;
+      if (OpenSessions(index) > 0) {
+        swarm_.node(index).process.Signal(SIGKILL);
+        swarm_.node(index).process.Wait(absl::Seconds(5));
+        return index;
+      }
+    }
+    return -1;
+  }
+
+  static GenerationOptions Options(int max_new_tokens, uint64_t seed = 0,
+                                   float temperature = 0) {
+    GenerationOptions options;
+    options.max_new_tokens = max_new_tokens;
+    options.stop_at_eos = false;
+    options.sampling.temperature = temperature;
+    options.sampling.top_k = temperature > 0 ? 50 : 0;
+    options.sampling.seed = seed;
+    return options;
+  }
+
+  LocalSwarm swarm_;
+  std::map<int, std::pair<int, int>> spans_;
+};
+
+TEST_F(FailoverTest, ChatSurvivesKillBetweenTurns) {
+  std::unique_ptr<Client> client = Connect();
+  ASSERT_NE(client, nullptr);
+
+  // A conversation with no failure.
+  auto reference_chat = client->StartChat(256);
+  ASSERT_TRUE(reference_chat.ok()) << reference_chat.status();
+  auto reference_first = (*reference_chat)->Send(kStoriesPrompt, Options(16));
+  auto reference_second = (*reference_chat)->Send("The cat", Options(24));
+  ASSERT_TRUE(reference_first.ok()) << reference_first.status();
+  ASSERT_TRUE(reference_second.ok()) << reference_second.status();
+  reference_chat->reset();
+
+  // The same conversation with the middle of the route killed in between.
+  auto chat = client->StartChat(256);
+  ASSERT_TRUE(chat.ok()) << chat.status();
+  auto first = (*chat)->Send(kStoriesPrompt, Options(16));
+  ASSERT_TRUE(first.ok()) << first.status();
+  const int killed = KillBusyNode(3);
+  ASSERT_GE(killed, 0) << "no node serving block 3 had a session";
+
+  auto second = (*chat)->Send("The cat", Options(24));
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_EQ(first->new_ids, reference_first->new_ids);
+  EXPECT_EQ(second->new_ids, reference_second->new_ids);
+  for (const RouteHopInfo& hop : second->route) {
+    EXPECT_NE(hop.address, swarm_.node(killed).address);
+  }
+}
+
+TEST_F(FailoverTest, RandomKillsDuringGenerationKeepTokens) {
+  constexpr int kRounds = 20;
+  constexpr int kNewTokens = 64;
+  std::unique_ptr<Client> client = Connect();
+  ASSERT_NE(client, nullptr);
+
+  auto greedy_reference =
+      client->GenerateFromIds(kStoriesPromptIds, Options(kNewTokens));
+  auto sampled_reference = client->GenerateFromIds(
+      kStoriesPromptIds, Options(kNewTokens, /*seed=*/11, /*temperature=*/0.8f));
+  ASSERT_TRUE(greedy_reference.ok()) << greedy_reference.status();
+  ASSERT_TRUE(sampled_reference.ok()) << sampled_reference.status();
+
+  std::mt19937 random(2026);
+  for (int round = 0; round < kRounds; ++round) {
+    const bool sampled = round % 2 == 1;
+    // Every fourth round kills two nodes in a row at the same point.
+    const int kills = round % 4 == 3 ? 2 : 1;
+    const int kill_at = std::uniform_int_distribution<int>(1, kNewTokens - 2)(random);
+    const int block = std::uniform_int_distribution<int>(0, 4)(random);
+    SCOPED_TRACE(absl::StrCat("round ", round, ": ", kills, " kill(s) of block ",
+                              block, " at token ", kill_at,
+                              sampled ? ", sampled" : ", greedy"));
+
+    std::vector<int> killed;
+    int tokens = 0;
+    auto on_text = [&](const std::string&) {
+      if (++tokens != kill_at) return;
+      for (int i = 0; i < kills; ++i) {
+        const int index = KillBusyNode(block);
+        if (index >= 0) killed.push_back(index);
+        if (i + 1 < kills) {
+          // Let the client move to a replacement, then kill that one too.
+          absl::SleepFor(absl::Milliseconds(1));
+        }
+      }
+    };
+    auto result = client->GenerateFromIds(
+        kStoriesPromptIds,
+        sampled ? Options(kNewTokens, 11, 0.8f) : Options(kNewTokens), on_text);
+    ASSERT_TRUE(result.ok()) << result.status();
+    EXPECT_EQ(result->new_ids,
+              sampled ? sampled_reference->new_ids : greedy_reference->new_ids);
+    EXPECT_FALSE(killed.empty());
+
+    // Bring the swarm back to three replicas for the next round.
+    for (const int index : killed) {
+      StartNode(spans_[index].first, spans_[index].second);
+      spans_.erase(index);
+    }
+  }
+}
+
+TEST_F(FailoverTest, LosingEveryNodeOfBlockNamesIt) {
+  std::unique_ptr<Client> client = Connect();
+  ASSERT_NE(client, nullptr);
+
+  int tokens = 0;
+  auto on_text = [&](const std::string&) {
+    if (++tokens != 5) return;
+    for (const auto& [index, span] : spans_) {
+      if (span.first == 2) swarm_.node(index).process.Signal(SIGKILL);
+    }
+  };
+  const absl::Time started = absl::Now();
+  auto result = client->GenerateFromIds(kStoriesPromptIds, Options(48), on_text);
+  ASSERT_FALSE(result.ok());
+  EXPECT_EQ(result.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_NE(result.status().message().find("blocks 2-4"), std::string::npos)
+      << result.status();
+  // The client waits discovery_wait (5 s) per replacement attempt at most.
+  EXPECT_LT(absl::Now() - started, absl::Seconds(60));
+}
+
+}  // namespace
+}  // namespace pollen::testing
