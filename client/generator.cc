@@ -38,17 +38,19 @@ class Client::Impl {
     const int num_blocks = static_cast<int>(config().num_hidden_layers);
     POLLEN_ASSIGN_OR_RETURN(
         std::vector<scheduler::RouteHop> route,
-        swarm->FindRoute(model_id, 0, num_blocks, options.discovery_wait));
+        swarm->FindRoute(model_id, 0, num_blocks, options.discovery_wait, {},
+                         max_length));
     client::ChainOptions chain_options;
     chain_options.model_id = model_id;
     chain_options.max_length = max_length;
     chain_options.step_timeout = options.step_timeout;
-    chain_options.reroute = [this](int start, int end,
-                                   const std::set<std::string>& excluded) {
+    chain_options.reroute = [this, max_length](
+                                int start, int end,
+                                const std::set<std::string>& excluded) {
       scheduler::RouteOptions route_options;
       route_options.excluded_nodes = excluded;
       return swarm->FindRoute(model_id, start, end, options.discovery_wait,
-                              route_options);
+                              route_options, max_length);
     };
     chain_options.on_node_failure = [this](const std::string& node_id) {
       swarm->ReportFailure(node_id);

@@ -7,6 +7,7 @@
 #include "absl/strings/str_join.h"
 #include "common/logging.h"
 #include "common/status_util.h"
+#include "scheduler/latency_route.h"
 
 namespace pollen::client {
 namespace {
@@ -85,7 +86,7 @@ std::set<std::string> SwarmClient::BannedNodes(absl::Time now) const {
 
 absl::StatusOr<std::vector<scheduler::RouteHop>> SwarmClient::FindRoute(
     const std::string& model_id, int start, int end, absl::Duration wait,
-    const scheduler::RouteOptions& route_options) {
+    const scheduler::RouteOptions& route_options, int64_t tokens_needed) {
   const absl::Time deadline = absl::Now() + wait;
   absl::Status last_error;
   for (int attempt = 1;; ++attempt) {
@@ -94,8 +95,20 @@ absl::StatusOr<std::vector<scheduler::RouteHop>> SwarmClient::FindRoute(
       scheduler::RouteOptions options = route_options;
       const std::set<std::string> banned = BannedNodes(absl::Now());
       options.excluded_nodes.insert(banned.begin(), banned.end());
-      auto route = scheduler::FindFewestHopsRoute(
-          SpansFromRecords(*records, model_id), start, end, options);
+      const std::vector<scheduler::ServerSpan> spans =
+          SpansFromRecords(*records, model_id);
+      std::vector<scheduler::ServerSpan> candidates;
+      for (const scheduler::ServerSpan& span : spans) {
+        if (options.excluded_nodes.count(span.node_id) == 0) {
+          candidates.push_back(span);
+        }
+      }
+      rtts_.Refresh(candidates);
+      scheduler::LatencyModel latency;
+      latency.client_rtt_ms = rtts_.RttsMs();
+      latency.tokens_needed = tokens_needed;
+      auto route =
+          scheduler::FindFastestRoute(spans, start, end, latency, options);
       if (route.ok()) return route;
       last_error = route.status();
     } else {

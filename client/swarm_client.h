@@ -11,6 +11,8 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "client/remote_chain.h"
+#include "client/rtt_tracker.h"
 #include "common/dht_registry.h"
 #include "pollen/v1/pollen.pb.h"
 #include "scheduler/route.h"
@@ -29,13 +31,17 @@ class SwarmClient {
   static absl::StatusOr<std::unique_ptr<SwarmClient>> Connect(
       const std::vector<std::string>& initial_peers);
 
-  // Returns a route over blocks [start, end) of `model_id` that avoids
-  // banned nodes and `route_options.excluded_nodes`, polling the DHT until
-  // every block is served or `wait` has passed. The error then names the
-  // blocks nobody serves.
+  // Returns the route over blocks [start, end) of `model_id` with the
+  // lowest expected step latency (network time measured by pinging the
+  // candidates, plus compute time from announced throughput) that avoids
+  // banned nodes and `route_options.excluded_nodes`, and whose nodes can
+  // still reserve `tokens_needed` cache tokens. Polls the DHT until every
+  // block is served or `wait` has passed; the error then names the blocks
+  // nobody serves.
   absl::StatusOr<std::vector<scheduler::RouteHop>> FindRoute(
       const std::string& model_id, int start, int end, absl::Duration wait,
-      const scheduler::RouteOptions& route_options = {});
+      const scheduler::RouteOptions& route_options = {},
+      int64_t tokens_needed = 1);
 
   // Bans `node_id` from routes for a time that doubles with each failure
   // in a row (1 s, 2 s, 4 s, ... up to 5 minutes).
@@ -52,9 +58,11 @@ class SwarmClient {
   };
 
   explicit SwarmClient(std::unique_ptr<DhtRegistry> registry)
-      : registry_(std::move(registry)) {}
+      : registry_(std::move(registry)), rtts_(channels_) {}
 
   std::unique_ptr<DhtRegistry> registry_;
+  ChannelPool channels_;  // for pings only
+  RttTracker rtts_;
   mutable absl::Mutex mu_;
   std::map<std::string, Ban> bans_ ABSL_GUARDED_BY(mu_);
 };
