@@ -1,6 +1,7 @@
 #include "tests/support/swarm_fixture.h"
 
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -137,6 +138,89 @@ CommandResult RunCommand(const std::vector<std::string>& argv,
   result.stdout_text = ReadFile(out_path);
   result.stderr_text = ReadFile(err_path);
   return result;
+}
+
+InteractiveCommand::InteractiveCommand(const std::vector<std::string>& argv) {
+  int input[2];
+  int output[2];
+  if (pipe(input) != 0 || pipe(output) != 0) std::abort();
+  const std::string err_path = dir_.path() + "/stderr";
+  std::vector<char*> args;
+  for (const std::string& arg : argv) args.push_back(const_cast<char*>(arg.c_str()));
+  args.push_back(nullptr);
+
+  pid_ = fork();
+  if (pid_ == 0) {
+    const int err_fd = open(err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    dup2(input[0], STDIN_FILENO);
+    dup2(output[1], STDOUT_FILENO);
+    dup2(err_fd, STDERR_FILENO);
+    close(input[1]);
+    close(output[0]);
+    execv(args[0], args.data());
+    _exit(127);
+  }
+  close(input[0]);
+  close(output[1]);
+  stdin_fd_ = input[1];
+  stdout_fd_ = output[0];
+}
+
+InteractiveCommand::~InteractiveCommand() {
+  if (stdin_fd_ >= 0) close(stdin_fd_);
+  if (stdout_fd_ >= 0) close(stdout_fd_);
+  if (pid_ > 0 && waitpid(pid_, nullptr, WNOHANG) == 0) {
+    kill(pid_, SIGKILL);
+    waitpid(pid_, nullptr, 0);
+  }
+}
+
+void InteractiveCommand::WriteLine(const std::string& line) {
+  const std::string data = line + "\n";
+  if (write(stdin_fd_, data.data(), data.size()) < 0) {
+    fprintf(stderr, "write to command failed\n");
+  }
+}
+
+absl::StatusOr<std::string> InteractiveCommand::ReadLine(absl::Duration timeout) {
+  const absl::Time deadline = absl::Now() + timeout;
+  while (true) {
+    const size_t newline = buffer_.find('\n');
+    if (newline != std::string::npos) {
+      std::string line = buffer_.substr(0, newline);
+      buffer_.erase(0, newline + 1);
+      return line;
+    }
+    const absl::Duration left = deadline - absl::Now();
+    if (left <= absl::ZeroDuration()) {
+      return absl::DeadlineExceededError("no output line in time");
+    }
+    pollfd poll_fd{stdout_fd_, POLLIN, 0};
+    const int ready = poll(&poll_fd, 1,
+                           static_cast<int>(absl::ToInt64Milliseconds(left)) + 1);
+    if (ready <= 0) continue;
+    char chunk[4096];
+    const ssize_t count = read(stdout_fd_, chunk, sizeof(chunk));
+    if (count <= 0) return absl::UnavailableError("stdout closed");
+    buffer_.append(chunk, count);
+  }
+}
+
+int InteractiveCommand::Finish(absl::Duration timeout) {
+  close(stdin_fd_);
+  stdin_fd_ = -1;
+  const absl::Time deadline = absl::Now() + timeout;
+  int status = 0;
+  while (waitpid(pid_, &status, WNOHANG) == 0) {
+    if (absl::Now() > deadline) return -1;
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  pid_ = -1;
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+std::string InteractiveCommand::StderrText() const {
+  return ReadFile(dir_.path() + "/stderr");
 }
 
 }  // namespace pollen::testing

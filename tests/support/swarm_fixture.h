@@ -10,6 +10,7 @@
 #include "absl/time/time.h"
 #include "client/cli/child_process.h"
 #include "common/dht_registry.h"
+#include "tests/support/test_support.h"
 
 namespace pollen::testing {
 
@@ -56,5 +57,30 @@ struct CommandResult {
 CommandResult RunCommand(const std::vector<std::string>& argv,
                          const std::string& stdin_text = "",
                          absl::Duration timeout = absl::Seconds(120));
+
+// A command driven line by line through pipes, such as `pollen chat`.
+// Its stderr goes to a file. Destruction kills it if it still runs.
+class InteractiveCommand {
+ public:
+  explicit InteractiveCommand(const std::vector<std::string>& argv);
+  ~InteractiveCommand();
+  InteractiveCommand(const InteractiveCommand&) = delete;
+  InteractiveCommand& operator=(const InteractiveCommand&) = delete;
+
+  void WriteLine(const std::string& line);
+  // Returns the next stdout line without its newline, or an error when
+  // none arrives within `timeout` or stdout closes.
+  absl::StatusOr<std::string> ReadLine(absl::Duration timeout);
+  // Closes stdin and waits for the exit code (-1 after a timeout).
+  int Finish(absl::Duration timeout);
+  std::string StderrText() const;
+
+ private:
+  pid_t pid_ = -1;
+  int stdin_fd_ = -1;
+  int stdout_fd_ = -1;
+  std::string buffer_;
+  TempDir dir_;
+};
 
 }  // namespace pollen::testing

@@ -4,6 +4,7 @@
 
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 
 #include <random>
 
@@ -119,6 +120,41 @@ TEST_F(FailoverTest, ChatSurvivesKillBetweenTurns) {
   for (const RouteHopInfo& hop : second->route) {
     EXPECT_NE(hop.address, swarm_.node(killed).address);
   }
+}
+
+TEST_F(FailoverTest, ChatCommandSurvivesKilledNode) {
+  const std::vector<std::string> argv = {
+      PollenBinary(), "chat", "--model", Stories260kDir(), "--model-id",
+      kModelId, "--initial-peers", swarm_.peer(), "--max-new-tokens", "16",
+      "--max-length", "128", "--json", "--discovery-wait-s", "5"};
+  const std::vector<std::string> turns = {kStoriesPrompt, "The cat", "They ran"};
+
+  // Without a failure.
+  std::vector<nlohmann::json> reference;
+  {
+    InteractiveCommand chat(argv);
+    for (const std::string& turn : turns) {
+      chat.WriteLine(turn);
+      auto line = chat.ReadLine(absl::Seconds(60));
+      ASSERT_TRUE(line.ok()) << line.status() << chat.StderrText();
+      reference.push_back(nlohmann::json::parse(*line));
+    }
+    EXPECT_EQ(chat.Finish(absl::Seconds(30)), 0) << chat.StderrText();
+  }
+
+  // With the node in use for block 1 killed after the first turn and the
+  // one for block 3 after the second.
+  InteractiveCommand chat(argv);
+  for (size_t turn = 0; turn < turns.size(); ++turn) {
+    chat.WriteLine(turns[turn]);
+    auto line = chat.ReadLine(absl::Seconds(60));
+    ASSERT_TRUE(line.ok()) << line.status() << chat.StderrText();
+    const auto output = nlohmann::json::parse(*line);
+    EXPECT_EQ(output["new_ids"], reference[turn]["new_ids"]) << "turn " << turn;
+    if (turn == 0) EXPECT_GE(KillBusyNode(1), 0);
+    if (turn == 1) EXPECT_GE(KillBusyNode(3), 0);
+  }
+  EXPECT_EQ(chat.Finish(absl::Seconds(30)), 0) << chat.StderrText();
 }
 
 TEST_F(FailoverTest, RandomKillsDuringGenerationKeepTokens) {
