@@ -5,6 +5,7 @@
 #include <cstdarg>
 #include <cstdio>
 #include <exception>
+#include <functional>
 #include <limits>
 #include <random>
 #include <tuple>
@@ -21,6 +22,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/dht_udp_socket.h"
 #include "common/identity.h"
 #include "common/logging.h"
 #include "common/status_util.h"
@@ -30,8 +32,8 @@ namespace {
 
 using pollen::v1::NodeRecord;
 
-// OpenDHT nodes talk only to nodes with the same network id, so a Pollen
-// swarm never mixes with the public OpenDHT network or another protocol
+// OpenDHT nodes exchange messages only with nodes of the same network id, so a
+// Pollen swarm never mixes with the public OpenDHT network or another protocol
 // version. The bytes spell "PLN" and the protocol version 1.
 constexpr dht::NetId kNetworkId = 0x504c4e01;
 
@@ -47,13 +49,21 @@ constexpr int64_t kMaxBlocksPerRecord = 1024;
 // Rejected values logged one by one per fetched key; the rest are counted.
 constexpr int kMaxRejectLogsPerKey = 3;
 
-// Lookups one fetch keeps in flight. On loopback every peer answers a burst
-// of lookups within microseconds, and with 32 in flight the replies overflowed
-// the default 208 KiB UDP receive buffer, so OpenDHT resent after a second.
+// Lookups one fetch keeps in flight, because the replies to a burst of
+// lookups can overflow the UDP receive buffer and OpenDHT resends after a
+// second. In the 32-block LargeSwarmTest on loopback (2 shared CPU cores),
+// with the buffer at the usual Linux default of 208 KiB, 8 in flight caused
+// no drops and 32 did.
 constexpr size_t kMaxParallelGets = 8;
 
+// Minimum time between two pings by NudgeIfConnecting().
 constexpr absl::Duration kNudgeInterval = absl::Seconds(1);
-constexpr absl::Duration kConnectPollInterval = absl::Milliseconds(250);
+
+// Observed with OpenDHT 2.4.12: now and then the runner thread sleeps for
+// about a second while a received packet waits in its queue, then logs
+// "Dropped 1 packets with high delay". This looks like a missed wakeup, so
+// waits for the DHT wake the runner at this interval.
+constexpr absl::Duration kWakeInterval = absl::Milliseconds(50);
 
 // Stores only signed values of bounded size. SecureDht wraps this policy so
 // that a signed value must also carry a valid signature, and only its owner
@@ -80,25 +90,21 @@ std::shared_ptr<dht::Logger> MakeOpenDhtLogger() {
                                        dht::LogMethod());
 }
 
-// Splits "host:port" or "[ipv6]:port" into host and port.
+// Splits "host:port" into host and port. IPv6 literals ("[::1]:4222") are
+// rejected because the registry binds IPv4 only.
 absl::StatusOr<std::pair<std::string, std::string>> SplitHostPort(
     const std::string& address) {
-  std::string host;
-  std::string port;
   if (!address.empty() && address.front() == '[') {
-    const size_t close = address.find("]:");
-    if (close != std::string::npos) {
-      host = address.substr(1, close - 1);
-      port = address.substr(close + 2);
-    }
-  } else {
-    const size_t colon = address.rfind(':');
-    if (colon != std::string::npos) {
-      host = address.substr(0, colon);
-      port = address.substr(colon + 1);
-    }
+    return absl::InvalidArgumentError(
+        absl::StrCat("bootstrap peer '", address,
+                     "' is an IPv6 address; the DHT runs over IPv4 only"));
   }
 
+  const size_t colon = address.rfind(':');
+  const std::string host =
+      colon == std::string::npos ? "" : address.substr(0, colon);
+  const std::string port =
+      colon == std::string::npos ? "" : address.substr(colon + 1);
   int port_number = 0;
   if (host.empty() || !absl::SimpleAtoi(port, &port_number) ||
       port_number <= 0 || port_number > 65535) {
@@ -153,7 +159,8 @@ std::string OwnerOf(const dht::Value& value) {
   return value.owner->getId().toString();
 }
 
-// Keeps the record with the newest announced_ms for each key of `by_key`.
+// Stores `record` under `key` in `by_key` unless the record there has the
+// same or a newer announced_ms.
 template <typename Key>
 void KeepNewest(std::map<Key, NodeRecord>& by_key, Key key, NodeRecord record) {
   auto [it, inserted] = by_key.try_emplace(std::move(key), record);
@@ -162,8 +169,9 @@ void KeepNewest(std::map<Key, NodeRecord>& by_key, Key key, NodeRecord record) {
   }
 }
 
+// Moves the records out of `by_key`, in key order.
 template <typename Key>
-std::vector<NodeRecord> Values(std::map<Key, NodeRecord>& by_key) {
+std::vector<NodeRecord> TakeRecords(std::map<Key, NodeRecord>& by_key) {
   std::vector<NodeRecord> records;
   records.reserve(by_key.size());
   for (auto& [key, record] : by_key) records.push_back(std::move(record));
@@ -199,16 +207,41 @@ std::shared_ptr<PutBatch> StartPuts(dht::DhtRunner& runner,
   return batch;
 }
 
-// Waits up to `timeout` for the puts of `batch` and returns how many no peer
-// stored, or DEADLINE_EXCEEDED when some did not finish.
-absl::StatusOr<int> AwaitPuts(PutBatch& batch, size_t count,
+// Waits until `done`, evaluated under `mu`, returns true or `deadline`
+// passes, and wakes `runner` every kWakeInterval meanwhile. `mu` must not be
+// held by the caller. Returns whether `done` became true.
+bool AwaitWithWakeups(dht::DhtRunner& runner, absl::Mutex& mu,
+                      const std::function<bool()>& done, absl::Time deadline) {
+  while (true) {
+    {
+      absl::MutexLock lock(&mu);
+      if (mu.AwaitWithDeadline(
+              absl::Condition(&done),
+              std::min(deadline, absl::Now() + kWakeInterval))) {
+        return true;
+      }
+    }
+    if (absl::Now() >= deadline) return false;
+
+    // An empty bootstrap list queues an operation that does nothing, which
+    // makes the runner thread look at its queues again.
+    runner.bootstrap(std::vector<dht::NodeExport>{});
+  }
+}
+
+// Waits until `deadline` for the puts of `batch` and returns how many no
+// peer stored, or DEADLINE_EXCEEDED when some did not finish.
+absl::StatusOr<int> AwaitPuts(dht::DhtRunner& runner, PutBatch& batch,
+                              size_t count, absl::Time deadline,
                               absl::Duration timeout) {
+  const bool finished = AwaitWithWakeups(
+      runner, batch.mu,
+      [&batch]()
+          ABSL_NO_THREAD_SAFETY_ANALYSIS { return batch.remaining == 0; },
+      deadline);
+
   absl::MutexLock lock(&batch.mu);
-  auto finished = [&batch]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(batch.mu) {
-    return batch.remaining == 0;
-  };
-  batch.mu.AwaitWithTimeout(absl::Condition(&finished), timeout);
-  if (batch.remaining > 0) {
+  if (!finished) {
     return absl::DeadlineExceededError(absl::StrCat(
         batch.remaining, " of ", count, " DHT puts did not finish within ",
         absl::FormatDuration(timeout)));
@@ -318,17 +351,22 @@ absl::StatusOr<std::unique_ptr<DhtRegistry>> DhtRegistry::Start(
   std::unique_ptr<DhtRegistry> registry =
       absl::WrapUnique(new DhtRegistry(options.bootstrap, identity));
 
-  // NOTE: binds IPv4 only, which loopback and LAN swarms need; a host
+  // NOTE: binds IPv4 only, which loopback and LAN swarms need. A host
   // reachable only over IPv6 cannot join.
+  POLLEN_ASSIGN_OR_RETURN(std::unique_ptr<DhtUdpSocket> socket,
+                          DhtUdpSocket::Open(options.port));
+
   dht::DhtRunner::Config config;
   config.dht_config.node_config.network = kNetworkId;
+  // OpenDHT limits requests per source address. Every peer of a local swarm
+  // shares 127.0.0.1, and the limit dropped requests during announcements
+  // of 80 blocks by eight loopback nodes, so only the global limit stays.
   config.dht_config.node_config.max_peer_req_per_sec = -1;
   config.dht_config.id = identity;
   config.threaded = true;
-  config.bind4.setFamily(AF_INET);
-  config.bind4.setPort(static_cast<in_port_t>(options.port));
 
   dht::DhtRunner::Context context;
+  context.sock = std::move(socket);
   if (spdlog::should_log(spdlog::level::debug)) {
     context.logger = MakeOpenDhtLogger();
   }
@@ -421,9 +459,10 @@ absl::Status DhtRegistry::WaitConnected(absl::Duration timeout) {
       absl::MutexLock lock(&status_mu_);
       status_mu_.AwaitWithDeadline(
           absl::Condition(&connected),
-          std::min(deadline, absl::Now() + kConnectPollInterval));
+          std::min(deadline, absl::Now() + kWakeInterval));
       if (connected()) return absl::OkStatus();
     }
+    runner_->bootstrap(std::vector<dht::NodeExport>{});
     if (absl::Now() >= deadline) {
       return absl::DeadlineExceededError(absl::StrCat(
           "no DHT peer responded within ", absl::FormatDuration(timeout),
@@ -523,7 +562,7 @@ absl::Status DhtRegistry::Announce(const NodeRecord& record,
   }
 
   const absl::StatusOr<int> failed =
-      AwaitPuts(*batch, keys.size(), deadline - absl::Now());
+      AwaitPuts(*runner_, *batch, keys.size(), deadline, timeout);
   for (const std::string& key : dropped_keys) {
     runner_->cancelPut(dht::InfoHash::get(key), value->id);
   }
@@ -564,7 +603,7 @@ absl::Status DhtRegistry::PutValueForTesting(const std::string& key,
   POLLEN_RETURN_IF_ERROR(WaitConnected(timeout));
   NudgeIfConnecting();
   std::shared_ptr<PutBatch> batch = StartPuts(*runner_, {key}, value);
-  return AwaitPuts(*batch, 1, deadline - absl::Now()).status();
+  return AwaitPuts(*runner_, *batch, 1, deadline, timeout).status();
 }
 
 absl::Status DhtRegistry::GetValues(std::vector<KeyValues>& keys,
@@ -588,18 +627,12 @@ absl::Status DhtRegistry::GetValues(std::vector<KeyValues>& keys,
 
   NudgeIfConnecting();
   size_t started = 0;
-  auto window_open = [&batch, &started]()
-                         ABSL_EXCLUSIVE_LOCKS_REQUIRED(batch->mu) {
-                           return started - batch->finished < kMaxParallelGets;
-                         };
+  const std::function<bool()> window_open =
+      [&batch, &started]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+        return started - batch->finished < kMaxParallelGets;
+      };
   while (started < keys.size()) {
-    {
-      absl::MutexLock lock(&batch->mu);
-      if (!batch->mu.AwaitWithDeadline(absl::Condition(&window_open),
-                                       deadline)) {
-        break;
-      }
-    }
+    if (!AwaitWithWakeups(*runner_, batch->mu, window_open, deadline)) break;
 
     // The callbacks run on the DHT thread and may outlive this call when it
     // times out, so they share ownership of the batch and never touch `keys`.
@@ -625,13 +658,13 @@ absl::Status DhtRegistry::GetValues(std::vector<KeyValues>& keys,
         dht::Value::TypeFilter(kNodeRecordValueType));
   }
 
-  absl::MutexLock lock(&batch->mu);
-  auto all_finished = [&batch, &started]()
-                          ABSL_EXCLUSIVE_LOCKS_REQUIRED(batch->mu) {
-                            return batch->finished == started;
-                          };
-  batch->mu.AwaitWithDeadline(absl::Condition(&all_finished), deadline);
+  AwaitWithWakeups(
+      *runner_, batch->mu,
+      [&batch, &started]()
+          ABSL_NO_THREAD_SAFETY_ANALYSIS { return batch->finished == started; },
+      deadline);
 
+  absl::MutexLock lock(&batch->mu);
   std::vector<std::string> pending;
   for (size_t i = 0; i < keys.size(); ++i) {
     keys[i].values = batch->values[i];
@@ -694,6 +727,11 @@ std::vector<NodeRecord> DhtRegistry::ValidRecords(const KeyValues& key,
 
 absl::StatusOr<std::vector<NodeRecord>> DhtRegistry::FetchBlock(
     const std::string& model_id, int block, absl::Duration timeout) {
+  if (block == INT_MAX) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("block ", block, " of model ", model_id,
+                     " to fetch is past the largest block index"));
+  }
   POLLEN_ASSIGN_OR_RETURN(std::vector<NodeRecord> records,
                           FetchSpan(model_id, block, block + 1, timeout));
 
@@ -704,7 +742,7 @@ absl::StatusOr<std::vector<NodeRecord>> DhtRegistry::FetchBlock(
     std::string node_id = record.node_id();
     KeepNewest(by_node, std::move(node_id), std::move(record));
   }
-  return Values(by_node);
+  return TakeRecords(by_node);
 }
 
 absl::StatusOr<std::vector<NodeRecord>> DhtRegistry::FetchSpan(
@@ -739,7 +777,7 @@ absl::StatusOr<std::vector<NodeRecord>> DhtRegistry::FetchSpan(
     POLLEN_LOG_DEBUG("Using {} records of model {} found before: {}",
                      by_span.size(), model_id, lookup.ToString());
   }
-  return Values(by_span);
+  return TakeRecords(by_span);
 }
 
 absl::StatusOr<std::vector<NodeRecord>> DhtRegistry::FetchModelIndex(
@@ -758,7 +796,7 @@ absl::StatusOr<std::vector<NodeRecord>> DhtRegistry::FetchModelIndex(
     POLLEN_LOG_DEBUG("Using {} model index records found before: {}",
                      by_model.size(), lookup.ToString());
   }
-  return Values(by_model);
+  return TakeRecords(by_model);
 }
 
 }  // namespace pollen

@@ -34,8 +34,8 @@ struct DhtOptions {
   // UDP port to bind on all IPv4 interfaces; 0 picks a free one.
   int port = 0;
 
-  // "host:port" of peers to join, e.g. "127.0.0.1:4222" or "[::1]:4222".
-  // Empty starts a new swarm.
+  // "host:port" of peers to join over IPv4, e.g. "127.0.0.1:4222" or
+  // "node1.lan:4222". Empty starts a new swarm.
   std::vector<std::string> bootstrap;
 
   // Signs announced records. Empty for read-only clients, which can fetch
@@ -47,9 +47,10 @@ struct DhtOptions {
 // only when they are signed and at most kMaxRecordBytes long.
 inline constexpr uint16_t kNodeRecordValueType = 0x7050;
 
-// Largest serialized NodeRecord accepted, in bytes. Real records are a few
-// hundred bytes.
-inline constexpr size_t kMaxRecordBytes = 4096;
+// Largest serialized NodeRecord accepted, in bytes. A record takes a few
+// hundred bytes plus about 55 per next_rtt_ms entry, so this leaves room for
+// some 250 entries. OpenDHT itself accepts values of up to 64 KiB.
+inline constexpr size_t kMaxRecordBytes = 16 * 1024;
 
 // Returns the DHT key of block `block` of `model_id`:
 // "pollen/v1/<model>/block/<block>".

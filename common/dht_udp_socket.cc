@@ -28,10 +28,10 @@ constexpr size_t kMaxDatagramBytes = 65507;
 // reaches OpenDHT in pieces instead of after the whole burst was read.
 constexpr int kMaxPacketsPerBatch = 64;
 
-absl::Status SocketError(int error, const std::string& what, int port) {
-  return absl::UnavailableError(
-      absl::StrCat("failed to ", what, " for the DHT on UDP port ", port, ": ",
-                   std::strerror(error)));
+absl::Status SocketError(int error, const std::string& action, int port) {
+  return absl::UnavailableError(absl::StrCat("failed to ", action,
+                                             " for the DHT on UDP port ", port,
+                                             ": ", std::strerror(error)));
 }
 
 }  // namespace
@@ -78,13 +78,13 @@ absl::StatusOr<std::unique_ptr<DhtUdpSocket>> DhtUdpSocket::Open(int port) {
     return SocketError(error, "create the stop pipe", port);
   }
 
-  POLLEN_LOG_DEBUG("DHT socket bound to UDP port {} with a {} byte receive "
-                   "buffer",
-                   ntohs(reinterpret_cast<const sockaddr_in&>(bound).sin_port),
-                   granted);
-  return absl::WrapUnique(
-      new DhtUdpSocket(fd, stop_pipe[0], stop_pipe[1],
-                       dht::SockAddr(bound, bound_length), granted));
+  POLLEN_LOG_DEBUG(
+      "DHT socket bound to UDP port {} with a {} byte receive "
+      "buffer",
+      ntohs(reinterpret_cast<const sockaddr_in&>(bound).sin_port), granted);
+  return absl::WrapUnique(new DhtUdpSocket(fd, stop_pipe[0], stop_pipe[1],
+                                           dht::SockAddr(bound, bound_length),
+                                           granted));
 }
 
 DhtUdpSocket::DhtUdpSocket(int fd, int stop_read_fd, int stop_write_fd,
@@ -110,8 +110,7 @@ void DhtUdpSocket::stop() {
   // The pipe is empty until now, so this one-byte write cannot block. Should
   // it fail anyway, the loop still sees stopping_ at its next packet.
   if (write(stop_write_fd_, &wake, 1) != 1) {
-    POLLEN_LOG_DEBUG("DHT socket stop signal failed: {}",
-                     std::strerror(errno));
+    POLLEN_LOG_DEBUG("DHT socket stop signal failed: {}", std::strerror(errno));
   }
 }
 
@@ -120,9 +119,9 @@ int DhtUdpSocket::sendTo(const dht::SockAddr& destination, const uint8_t* data,
   if (!destination) return EFAULT;
   if (destination.getFamily() != AF_INET) return EAFNOSUPPORT;
 
-  // MSG_CONFIRM tells the kernel the peer is reachable, as OpenDHT's own
-  // socket does for replies; MSG_NOSIGNAL keeps a send error from raising
-  // SIGPIPE.
+  // When `replied` is true, the peer has answered, and MSG_CONFIRM tells the
+  // link layer that the peer is reachable (see send(2)). MSG_NOSIGNAL keeps a
+  // send error from raising SIGPIPE.
   int flags = MSG_NOSIGNAL;
   if (replied) flags |= MSG_CONFIRM;
   if (sendto(fd_, data, size, flags, destination.get(),
@@ -152,13 +151,13 @@ void DhtUdpSocket::ReceiveLoop() {
     while (!drained && !stopping_.load()) {
       dht::net::PacketList batch;
       for (int i = 0; i < kMaxPacketsPerBatch; ++i) {
-        dht::net::PacketList one;
+        dht::net::PacketList slot;
         {
           // DatagramSocket's packet recycling list is guarded by `lock`.
           std::lock_guard<std::mutex> guard(lock);
-          one = getNewPacket();
+          slot = getNewPacket();
         }
-        dht::net::ReceivedPacket& packet = one.front();
+        dht::net::ReceivedPacket& packet = slot.front();
         packet.data.resize(kMaxDatagramBytes);
         sockaddr_storage from{};
         socklen_t from_length = sizeof(from);
@@ -176,7 +175,7 @@ void DhtUdpSocket::ReceiveLoop() {
         packet.data.resize(static_cast<size_t>(received));
         packet.from = dht::SockAddr(from, from_length);
         packet.received = dht::clock::now();
-        batch.splice(batch.end(), one);
+        batch.splice(batch.end(), slot);
       }
       if (!batch.empty() && !stopping_.load()) onReceived(std::move(batch));
     }

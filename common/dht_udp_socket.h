@@ -15,19 +15,21 @@
 namespace pollen {
 
 // An IPv4 UDP socket for OpenDHT with a larger receive buffer than
-// OpenDHT's own net::UdpSocket, which keeps the system default (208 KiB on
-// Debian 12). A lookup sends a request to up to eight peers per key, and the
-// replies of parallel lookups arrive in one burst. When that burst finds the
-// buffer full, for instance while the receive thread waits for a busy CPU,
-// the kernel drops replies and OpenDHT resends them only after a second.
+// OpenDHT's own net::UdpSocket, which keeps the system default
+// (net.core.rmem_default, usually 208 KiB). A lookup sends requests to
+// several peers at once, so the replies of parallel lookups and puts arrive
+// in bursts. When a burst finds the buffer full, for instance while the
+// receive thread waits for a busy CPU, the kernel drops replies and OpenDHT
+// resends them only after a second.
 //
 // Thread contract, as OpenDHT expects: sendTo() may be called from any
-// thread; one internal thread receives and hands packets to the callback set
-// with setOnReceive().
+// thread, and one internal thread receives and hands packets to the callback
+// set with setOnReceive().
 class DhtUdpSocket final : public dht::net::DatagramSocket {
  public:
   // Receive buffer size requested from the kernel, which caps it at
-  // net.core.rmem_max.
+  // net.core.rmem_max. With 4 MiB granted, eight loopback nodes that each
+  // announced and fetched 80 blocks showed no receive buffer drops.
   static constexpr int kRequestedReceiveBufferBytes = 4 << 20;
 
   // Binds 0.0.0.0:`port` (0 picks a free port) and starts receiving.
@@ -41,8 +43,8 @@ class DhtUdpSocket final : public dht::net::DatagramSocket {
   DhtUdpSocket& operator=(const DhtUdpSocket&) = delete;
 
   // Returns 0 or the errno of the failed send.
-  int sendTo(const dht::SockAddr& destination, const uint8_t* data,
-             size_t size, bool replied) override;
+  int sendTo(const dht::SockAddr& destination, const uint8_t* data, size_t size,
+             bool replied) override;
 
   bool hasIPv4() const override { return true; }
   bool hasIPv6() const override { return false; }
@@ -50,15 +52,16 @@ class DhtUdpSocket final : public dht::net::DatagramSocket {
   const dht::SockAddr& getBoundRef(
       sa_family_t family = AF_UNSPEC) const override;
 
-  // Stops receiving. The thread exits before the next packet is handed on.
+  // Stops receiving. A batch already being handed on completes, and no later
+  // one is handed on.
   void stop() override;
 
   // Receive buffer size the kernel granted, in bytes.
   int receive_buffer_bytes() const { return receive_buffer_bytes_; }
 
  private:
-  DhtUdpSocket(int fd, int stop_read_fd, int stop_write_fd,
-               dht::SockAddr bound, int receive_buffer_bytes);
+  DhtUdpSocket(int fd, int stop_read_fd, int stop_write_fd, dht::SockAddr bound,
+               int receive_buffer_bytes);
 
   // Waits for packets and hands each batch of queued ones to OpenDHT.
   void ReceiveLoop();

@@ -21,10 +21,11 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/match.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "common/dht_udp_socket.h"
 #include "common/identity.h"
-#include "common/logging.h"
 #include "tests/support/test_support.h"
 
 namespace pollen {
@@ -287,6 +288,79 @@ TEST_F(ParseRecordValueTest, RejectsOtherType) {
 }
 
 // ---------------------------------------------------------------------------
+// The registry's UDP socket.
+
+dht::SockAddr LoopbackAddress(sa_family_t family, int port) {
+  dht::SockAddr address;
+  address.setFamily(family);
+  address.setAddress(family == AF_INET ? "127.0.0.1" : "::1");
+  address.setPort(static_cast<in_port_t>(port));
+  return address;
+}
+
+TEST(DhtUdpSocketTest, BindsFreePort) {
+  absl::StatusOr<std::unique_ptr<DhtUdpSocket>> socket = DhtUdpSocket::Open(0);
+  ASSERT_TRUE(socket.ok()) << socket.status();
+  EXPECT_GT((*socket)->getPort(AF_INET), 0);
+  EXPECT_TRUE((*socket)->hasIPv4());
+  EXPECT_FALSE((*socket)->hasIPv6());
+  EXPECT_GT((*socket)->receive_buffer_bytes(), 0);
+}
+
+TEST(DhtUdpSocketTest, SendsAndReceives) {
+  // Declared before the sockets, so that they outlive the receive thread.
+  absl::Mutex mu;
+  std::vector<std::pair<std::string, int>> received;  // payload, source port
+
+  absl::StatusOr<std::unique_ptr<DhtUdpSocket>> sender = DhtUdpSocket::Open(0);
+  absl::StatusOr<std::unique_ptr<DhtUdpSocket>> receiver =
+      DhtUdpSocket::Open(0);
+  ASSERT_TRUE(sender.ok()) << sender.status();
+  ASSERT_TRUE(receiver.ok()) << receiver.status();
+
+  (*receiver)->setOnReceive([&](dht::net::PacketList&& packets) {
+    absl::MutexLock lock(&mu);
+    for (const dht::net::ReceivedPacket& packet : packets) {
+      received.emplace_back(std::string(packet.data.begin(), packet.data.end()),
+                            packet.from.getPort());
+    }
+    return std::move(packets);
+  });
+
+  const dht::SockAddr destination =
+      LoopbackAddress(AF_INET, (*receiver)->getPort(AF_INET));
+  for (const std::string payload : {"first", "second"}) {
+    EXPECT_EQ((*sender)->sendTo(
+                  destination, reinterpret_cast<const uint8_t*>(payload.data()),
+                  payload.size(), false),
+              0);
+  }
+
+  absl::MutexLock lock(&mu);
+  auto both_arrived = [&received]() { return received.size() == 2; };
+  ASSERT_TRUE(mu.AwaitWithTimeout(absl::Condition(&both_arrived), kTimeout));
+  EXPECT_EQ(received[0].first, "first");
+  EXPECT_EQ(received[1].first, "second");
+  EXPECT_EQ(received[0].second, (*sender)->getPort(AF_INET));
+}
+
+TEST(DhtUdpSocketTest, PortInUse) {
+  absl::StatusOr<std::unique_ptr<DhtUdpSocket>> first = DhtUdpSocket::Open(0);
+  ASSERT_TRUE(first.ok()) << first.status();
+  absl::StatusOr<std::unique_ptr<DhtUdpSocket>> second =
+      DhtUdpSocket::Open((*first)->getPort(AF_INET));
+  EXPECT_EQ(second.status().code(), absl::StatusCode::kUnavailable);
+}
+
+TEST(DhtUdpSocketTest, RejectsIpv6Destination) {
+  absl::StatusOr<std::unique_ptr<DhtUdpSocket>> socket = DhtUdpSocket::Open(0);
+  ASSERT_TRUE(socket.ok()) << socket.status();
+  const uint8_t byte = 0;
+  EXPECT_EQ((*socket)->sendTo(LoopbackAddress(AF_INET6, 4222), &byte, 1, false),
+            EAFNOSUPPORT);
+}
+
+// ---------------------------------------------------------------------------
 // Registries on loopback.
 
 std::unique_ptr<DhtRegistry> StartRegistry(
@@ -327,8 +401,9 @@ TEST(DhtRegistryTest, ReadOnlyHasNoNodeId) {
 }
 
 TEST(DhtRegistryTest, BadBootstrapAddress) {
-  for (const char* address : {"127.0.0.1", "127.0.0.1:0", ":4222",
-                              "127.0.0.1:port", "127.0.0.1:70000"}) {
+  for (const char* address :
+       {"127.0.0.1", "127.0.0.1:0", ":4222", "127.0.0.1:port",
+        "127.0.0.1:70000", "[::1]:4222"}) {
     DhtOptions options;
     options.bootstrap.push_back(address);
     EXPECT_EQ(DhtRegistry::Start(options).status().code(),
@@ -700,6 +775,36 @@ TEST_F(SwarmTest, BlockOutsideSpanIgnored) {
   EXPECT_EQ((*found)[0].node_id(), nodes_[0]->node_id());
 }
 
+// A record with `entries` next_rtt_ms entries, with node ids of 40 hex digits.
+NodeRecord WithRtts(NodeRecord record, int entries) {
+  for (int i = 0; i < entries; ++i) {
+    (*record.mutable_next_rtt_ms())[absl::StrCat(
+        std::string(24, '0'), absl::Hex(i, absl::kZeroPad16))] = 1.5 + i;
+  }
+  return record;
+}
+
+TEST_F(SwarmTest, LargeRecordRoundTrips) {
+  // About 11 KB, far above the few hundred bytes of a typical record.
+  const NodeRecord large = WithRtts(records_[1], 200);
+  ASSERT_GT(large.ByteSizeLong(), 10000u);
+  const absl::Status announced = nodes_[1]->Announce(large, kTimeout);
+  ASSERT_TRUE(announced.ok()) << announced;
+
+  absl::StatusOr<std::vector<NodeRecord>> found =
+      client_->FetchBlock(kModel, 2, kTimeout);
+  ASSERT_TRUE(found.ok()) << found.status();
+  ASSERT_EQ(found->size(), 1u);
+  EXPECT_EQ((*found)[0].next_rtt_ms_size(), 200);
+}
+
+TEST_F(SwarmTest, OversizedRecordRejected) {
+  const NodeRecord oversized = WithRtts(records_[1], 400);
+  ASSERT_GT(oversized.ByteSizeLong(), kMaxRecordBytes);
+  EXPECT_EQ(nodes_[1]->Announce(oversized, kTimeout).code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST_F(SwarmTest, RestartedNodeReplaces) {
   nodes_[1].reset();
   nodes_[1] = StartRegistry(identities_[1], nodes_[0]->port());
@@ -763,43 +868,6 @@ TEST(RootRegistryTest, ReadOnlyRootFetches) {
   ASSERT_TRUE(found.ok()) << found.status();
   EXPECT_EQ(found->size(), 2u);
   EXPECT_LT(elapsed, absl::Milliseconds(500));
-}
-
-class CapturedLogEarly {
- public:
-  CapturedLogEarly() : previous_(spdlog::default_logger()) {
-    auto sink = std::make_shared<spdlog::sinks::ostream_sink_mt>(stream_);
-    spdlog::set_default_logger(std::make_shared<spdlog::logger>("test", sink));
-    spdlog::set_level(spdlog::level::debug);
-  }
-  ~CapturedLogEarly() {
-    spdlog::set_default_logger(previous_);
-    spdlog::set_level(spdlog::level::info);
-  }
-  std::string text() const { return stream_.str(); }
- private:
-  std::shared_ptr<spdlog::logger> previous_;
-  std::ostringstream stream_;
-};
-TEST(LargeSwarmTest, BigAnnounce) {
-  CapturedLogEarly dlog;
-  std::vector<std::unique_ptr<DhtRegistry>> nodes;
-  for (int i = 0; i < 8; ++i) {
-    nodes.push_back(StartRegistry(NewIdentity(absl::StrCat("node-", i)),
-                                  i == 0 ? 0 : nodes.back()->port()));
-  }
-  for (int i = 0; i < 8; ++i) {
-    const absl::Time start = absl::Now();
-    const absl::Status announced = nodes[i]->Announce(MakeRecord(nodes[i]->node_id(), "big", 0, 80), kTimeout);
-    ASSERT_TRUE(announced.ok()) << announced;
-    POLLEN_LOG_INFO("ANNOUNCE {} took {}", i, absl::FormatDuration(absl::Now() - start));
-  }
-  std::unique_ptr<DhtRegistry> client = StartRegistry({}, nodes[3]->port());
-  const absl::Time start = absl::Now();
-  auto found = client->FetchSpan("big", 0, 80, kTimeout);
-  ASSERT_TRUE(found.ok());
-  std::ofstream("/tmp/dhtexp/big.log") << dlog.text();
-  std::cerr << "fetch " << found->size() << " " << absl::FormatDuration(absl::Now() - start) << "\n";
 }
 
 TEST(LargeSwarmTest, EightNodesThirtyTwoBlocks) {
