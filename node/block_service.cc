@@ -1,12 +1,108 @@
 #include "node/block_service.h"
 
+#include <arpa/inet.h>
+
+#include <utility>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
+#include "common/logging.h"
+#include "common/status_util.h"
 #include "node/block_span.h"
 #include "node/inference_reactor.h"
 #include "node/session_manager.h"
 
 namespace pollen::node {
+namespace {
+
+std::string RangeString(int64_t start, int64_t end) {
+  return absl::StrCat(start, ":", end);
+}
+
+// Strips the port from "host:port" or "[host]:port" and the brackets from an
+// IPv6 host.
+std::string HostOfPeerAddress(const std::string& address) {
+  if (!address.empty() && address.front() == '[') {
+    const size_t close = address.find(']');
+    return close == std::string::npos ? "" : address.substr(1, close - 1);
+  }
+  const size_t colon = address.rfind(':');
+  return colon == std::string::npos ? address : address.substr(0, colon);
+}
+
+}  // namespace
 
 const char* PollenVersion() { return "0.1.0"; }
+
+std::shared_ptr<const BlockSpan> ServedSpans::current() const {
+  absl::MutexLock lock(&mu_);
+  return current_;
+}
+
+void ServedSpans::Set(std::shared_ptr<const BlockSpan> current,
+                      std::shared_ptr<const BlockSpan> previous) {
+  absl::MutexLock lock(&mu_);
+  current_ = std::move(current);
+  previous_ = std::move(previous);
+}
+
+absl::StatusOr<std::shared_ptr<const BlockSpan>> ServedSpans::SpanFor(
+    int64_t from, int64_t to) const {
+  absl::MutexLock lock(&mu_);
+  if (current_ == nullptr) {
+    return absl::UnavailableError("node is still loading its blocks");
+  }
+  const BlockSpan& current = *current_;
+  if (from >= to || to > current.config().num_hidden_layers) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "blocks ", RangeString(from, to),
+        " are not a non-empty part of the span ",
+        RangeString(current.start(), current.end()),
+        " served by this node (the model has ",
+        current.config().num_hidden_layers, " blocks)"));
+  }
+  for (const std::shared_ptr<const BlockSpan>& span : {current_, previous_}) {
+    if (span != nullptr && span->start() <= from && to <= span->end()) {
+      return span;
+    }
+  }
+  return absl::UnavailableError(absl::StrCat(
+      "blocks ", RangeString(from, to), " are not served by this node, which "
+      "serves ", RangeString(current.start(), current.end()),
+      "; fetch fresh records and use another node"));
+}
+
+bool IsLoopbackPeer(const std::string& peer) {
+  if (absl::StartsWith(peer, "unix:") ||
+      absl::StartsWith(peer, "unix-abstract:")) {
+    return true;
+  }
+
+  // gRPC may percent-encode the brackets and colons of IPv6 addresses.
+  std::string address;
+  if (absl::StartsWith(peer, "ipv4:")) {
+    address = peer.substr(5);
+  } else if (absl::StartsWith(peer, "ipv6:")) {
+    address = absl::StrReplaceAll(peer.substr(5),
+                                  {{"%5B", "["}, {"%5D", "]"}, {"%3A", ":"},
+                                   {"%5b", "["}, {"%5d", "]"}, {"%3a", ":"}});
+  } else {
+    return false;
+  }
+  const std::string host = HostOfPeerAddress(address);
+
+  in_addr ipv4;
+  if (inet_pton(AF_INET, host.c_str(), &ipv4) == 1) {
+    return (ntohl(ipv4.s_addr) >> 24) == 127;
+  }
+  in6_addr ipv6;
+  if (inet_pton(AF_INET6, host.c_str(), &ipv6) == 1) {
+    if (IN6_IS_ADDR_LOOPBACK(&ipv6)) return true;
+    return IN6_IS_ADDR_V4MAPPED(&ipv6) && ipv6.s6_addr[12] == 127;
+  }
+  return false;
+}
 
 grpc::ServerBidiReactor<v1::InferenceRequest, v1::InferenceResponse>*
 BlockServiceImpl::Inference(grpc::CallbackServerContext* call) {
@@ -21,10 +117,11 @@ grpc::ServerUnaryReactor* BlockServiceImpl::Info(
   response->set_node_id(context_->node_id);
   response->set_public_name(context_->public_name);
 
+  const std::shared_ptr<const BlockSpan> span = context_->spans.current();
   v1::ServedSpan* served = response->add_spans();
   served->set_model_id(context_->model_id);
-  served->mutable_blocks()->set_start(context_->span->start());
-  served->mutable_blocks()->set_end(context_->span->end());
+  served->mutable_blocks()->set_start(span->start());
+  served->mutable_blocks()->set_end(span->end());
 
   response->set_cache_tokens_left(context_->sessions->cache_tokens_left());
   response->set_cache_tokens_total(context_->sessions->cache_tokens_total());
@@ -32,6 +129,55 @@ grpc::ServerUnaryReactor* BlockServiceImpl::Info(
 
   grpc::ServerUnaryReactor* reactor = call->DefaultReactor();
   reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* BlockServiceImpl::MoveBlocks(
+    grpc::CallbackServerContext* call, const v1::MoveBlocksRequest* request,
+    v1::MoveBlocksResponse* response) {
+  grpc::ServerUnaryReactor* reactor = call->DefaultReactor();
+  const int64_t start = request->blocks().start();
+  const int64_t end = request->blocks().end();
+  const int64_t num_blocks = context_->config.num_hidden_layers;
+
+  // Validate the caller and the range.
+  if (!IsLoopbackPeer(call->peer())) {
+    POLLEN_LOG_WARN("rejected MoveBlocks {} from non-loopback peer {}",
+                    RangeString(start, end), call->peer());
+    reactor->Finish(grpc::Status(
+        grpc::StatusCode::PERMISSION_DENIED,
+        absl::StrCat("MoveBlocks is accepted only from loopback peers; ",
+                     call->peer(), " is not one. Run it on the node's machine")));
+    return reactor;
+  }
+  if (start >= end || end > num_blocks) {
+    reactor->Finish(grpc::Status(
+        grpc::StatusCode::INVALID_ARGUMENT,
+        absl::StrCat("blocks ", RangeString(start, end),
+                     " are not a non-empty range within the model's ",
+                     num_blocks, " blocks")));
+    return reactor;
+  }
+  if (context_->draining.load()) {
+    reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                                 "node is shutting down and does not move"));
+    return reactor;
+  }
+  if (!context_->move_blocks) {
+    reactor->Finish(grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
+                                 "this node cannot move its blocks"));
+    return reactor;
+  }
+
+  // Run the move on the node's mover thread; it finishes the call.
+  POLLEN_LOG_INFO("MoveBlocks {} requested by {}", RangeString(start, end),
+                  call->peer());
+  context_->move_blocks(
+      static_cast<int>(start), static_cast<int>(end),
+      [reactor, response](absl::StatusOr<v1::BlockRange> moved) {
+        if (moved.ok()) *response->mutable_blocks() = *moved;
+        reactor->Finish(ToGrpcStatus(moved.status()));
+      });
   return reactor;
 }
 

@@ -15,10 +15,10 @@
 namespace pollen::node {
 namespace {
 
+// Checks everything but the blocks, which ServedSpans::SpanFor checks.
 absl::Status ValidateOpen(const v1::InferenceOpen& open,
                           const ServiceContext& context) {
-  const BlockSpan& span = *context.span;
-  const ModelConfig& config = span.config();
+  const ModelConfig& config = context.config;
 
   if (open.model_id() != context.model_id) {
     return absl::NotFoundError(absl::StrCat(
@@ -30,13 +30,6 @@ absl::Status ValidateOpen(const v1::InferenceOpen& open,
     return absl::InvalidArgumentError(absl::StrCat(
         "session_id must have 1 to ", kMaxSessionIdLength,
         " characters, got ", open.session_id().size()));
-  }
-  const int64_t start = open.blocks().start();
-  const int64_t end = open.blocks().end();
-  if (start >= end || start < span.start() || end > span.end()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "blocks ", start, ":", end, " are not a non-empty part of the span ",
-        span.start(), ":", span.end(), " served by this node"));
   }
   if (open.max_length() == 0 ||
       open.max_length() > config.max_position_embeddings) {
@@ -87,6 +80,10 @@ void InferenceReactor::OnReadDone(bool ok) {
     FinishOnce(status);
     return;
   }
+  // Tell the client to move the session when the node is leaving its span.
+  if (context_->draining.load() || (session_ && session_->draining.load())) {
+    response_.set_draining(true);
+  }
   StartWrite(&response_);
 }
 
@@ -122,6 +119,9 @@ absl::Status InferenceReactor::HandleOpen(const v1::InferenceOpen& open) {
         "node is shutting down and accepts no new sessions; use another node");
   }
   POLLEN_RETURN_IF_ERROR(ValidateOpen(open, *context_));
+  POLLEN_ASSIGN_OR_RETURN(
+      std::shared_ptr<const BlockSpan> span,
+      context_->spans.SpanFor(open.blocks().start(), open.blocks().end()));
 
   SessionRequest request;
   request.session_id = open.session_id();
@@ -129,7 +129,8 @@ absl::Status InferenceReactor::HandleOpen(const v1::InferenceOpen& open) {
   request.to = static_cast<int>(open.blocks().end());
   request.batch_size = open.batch_size() == 0 ? 1 : open.batch_size();
   request.max_length = open.max_length();
-  POLLEN_ASSIGN_OR_RETURN(session_, context_->sessions->Open(request));
+  POLLEN_ASSIGN_OR_RETURN(session_,
+                          context_->sessions->Open(request, std::move(span)));
 
   response_.set_position(0);
   return absl::OkStatus();
@@ -150,7 +151,7 @@ absl::Status InferenceReactor::HandleStep(const v1::InferenceStep& step) {
   // Check the tensor before taking the session lock.
   POLLEN_ASSIGN_OR_RETURN(at::Tensor hidden,
                           TensorFromProto(step.hidden_states(), "hidden_states"));
-  const int64_t hidden_size = context_->span->config().hidden_size;
+  const int64_t hidden_size = context_->config.hidden_size;
   if (hidden.dim() != 3 || hidden.size(0) != request.batch_size ||
       hidden.size(1) < 1 || hidden.size(2) != hidden_size) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -181,7 +182,7 @@ absl::Status InferenceReactor::HandleStep(const v1::InferenceStep& step) {
 
   POLLEN_ASSIGN_OR_RETURN(
       at::Tensor output,
-      context_->span->Forward(hidden, session_->cache, session_->position,
+      session_->span->Forward(hidden, session_->cache, session_->position,
                               request.from, request.to));
   session_->position += new_tokens;
   session_->last_used = absl::Now();

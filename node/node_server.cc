@@ -2,7 +2,9 @@
 
 #include <signal.h>
 
+#include <atomic>
 #include <memory>
+#include <random>
 #include <string>
 
 #include <ATen/ATen.h>
@@ -19,15 +21,23 @@
 #include "common/model_id.h"
 #include "common/status_util.h"
 #include "common/tensor_codec.h"
+#include "node/announcer.h"
 #include "node/block_service.h"
 #include "node/block_span.h"
+#include "node/next_hop_prober.h"
 #include "node/session_manager.h"
+#include "node/span_choice.h"
+#include "node/span_mover.h"
+#include "node/throughput.h"
 
 namespace pollen::node {
 namespace {
 
 // Headroom over the largest tensor for the rest of a message.
 constexpr int kMaxMessageBytes = static_cast<int>(kMaxTensorBytes + (1 << 20));
+
+// How long streams that hold no session may go on after the drain.
+constexpr absl::Duration kShutdownGrace = absl::Seconds(1);
 
 absl::StatusOr<at::ScalarType> ParseDtype(const std::string& name) {
   if (name == "float32" || name == "fp32") return at::kFloat;
@@ -63,31 +73,28 @@ absl::Status ValidateOptions(const NodeOptions& options) {
         " must exceed the announce period ",
         absl::FormatDuration(options.announce_period)));
   }
+  if (options.num_blocks < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--num-blocks must be 0 (as many as fit) or positive, got ",
+        options.num_blocks));
+  }
+  if (options.throughput < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--throughput must be 0 (measure) or positive, got ",
+        options.throughput));
+  }
+  if (options.min_balance_gain <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--min-balance-gain must be positive, got ", options.min_balance_gain));
+  }
+  if (options.drain_timeout < absl::ZeroDuration() ||
+      options.rebalance_period < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--drain-timeout-s and --rebalance-period-s must not be negative, got ",
+        absl::FormatDuration(options.drain_timeout), " and ",
+        absl::FormatDuration(options.rebalance_period)));
+  }
   return absl::OkStatus();
-}
-
-int64_t UnixMillis(absl::Time time) { return absl::ToUnixMillis(time); }
-
-// Fills the record this node announces.
-v1::NodeRecord MakeRecord(const ServiceContext& context,
-                          const std::string& address, v1::NodeState state,
-                          int64_t cache_tokens_left, absl::Duration ttl) {
-  const absl::Time now = absl::Now();
-  v1::NodeRecord record;
-  record.set_model_id(context.model_id);
-  record.mutable_blocks()->set_start(context.span->start());
-  record.mutable_blocks()->set_end(context.span->end());
-  record.set_node_id(context.node_id);
-  record.set_address(address);
-  record.set_public_name(context.public_name);
-  record.set_state(state);
-  record.set_cache_tokens_left(cache_tokens_left);
-  record.set_announced_ms(UnixMillis(now));
-  record.set_expires_ms(UnixMillis(now + ttl));
-  record.set_version(PollenVersion());
-  record.set_num_blocks(
-      static_cast<uint32_t>(context.span->config().num_hidden_layers));
-  return record;
 }
 
 // Waits up to `timeout` for SIGINT or SIGTERM. Returns the signal, or 0.
@@ -95,6 +102,199 @@ int WaitForSignal(const sigset_t& signals, absl::Duration timeout) {
   const timespec wait = absl::ToTimespec(timeout);
   const int signal_number = sigtimedwait(&signals, nullptr, &wait);
   return signal_number > 0 ? signal_number : 0;
+}
+
+absl::StatusOr<std::unique_ptr<DhtRegistry>> JoinDht(
+    const NodeOptions& options) {
+  dht::crypto::Identity identity;
+  if (options.identity_path.empty()) {
+    POLLEN_ASSIGN_OR_RETURN(identity, CreateEphemeralIdentity("pollen-node"));
+  } else {
+    POLLEN_ASSIGN_OR_RETURN(identity, LoadOrCreateIdentity(options.identity_path,
+                                                           "pollen-node"));
+  }
+  DhtOptions dht_options;
+  dht_options.port = options.dht_port;
+  dht_options.bootstrap = options.initial_peers;
+  dht_options.identity = identity;
+  POLLEN_ASSIGN_OR_RETURN(std::unique_ptr<DhtRegistry> registry,
+                          DhtRegistry::Start(dht_options));
+  POLLEN_RETURN_IF_ERROR(registry->WaitConnected(absl::Seconds(30)));
+  return registry;
+}
+
+absl::StatusOr<std::shared_ptr<const BlockSpan>> LoadSpan(
+    const Checkpoint& checkpoint, int start, int end, at::ScalarType dtype,
+    at::Device device) {
+  const absl::Time started = absl::Now();
+  POLLEN_ASSIGN_OR_RETURN(std::unique_ptr<BlockSpan> span,
+                          BlockSpan::Load(checkpoint, start, end, dtype, device));
+  POLLEN_LOG_INFO("loaded blocks {}:{} ({:.1f} MiB of {} on {}) in {}", start,
+                  end, static_cast<double>(span->ParameterBytes()) / (1 << 20),
+                  DtypeName(dtype), device.str(),
+                  absl::FormatDuration(absl::Now() - started));
+  return std::shared_ptr<const BlockSpan>(std::move(span));
+}
+
+// Returns --throughput, a cached measurement, or a new one taken on `span`
+// (or, when it is null, on block 0 loaded for the purpose) and cached.
+absl::StatusOr<Throughput> ResolveThroughput(const NodeOptions& options,
+                                             const Checkpoint& checkpoint,
+                                             const std::string& model_id,
+                                             at::ScalarType dtype,
+                                             at::Device device,
+                                             const BlockSpan* span) {
+  if (options.throughput > 0) {
+    Throughput announced;
+    announced.decode_steps_per_s = options.throughput;
+    POLLEN_LOG_INFO("announcing --throughput {} steps/s without measuring",
+                    options.throughput);
+    return announced;
+  }
+
+  // Read an earlier measurement.
+  const std::string key = ThroughputCacheKey(
+      model_id, checkpoint.config(), device, dtype, at::get_num_threads());
+  const std::string path = options.throughput_cache_path.empty()
+                               ? DefaultThroughputCachePath()
+                               : options.throughput_cache_path;
+  if (!path.empty()) {
+    const absl::StatusOr<Throughput> cached = ReadCachedThroughput(path, key);
+    if (cached.ok()) {
+      POLLEN_LOG_INFO("throughput from cache {}: {:.1f} decode steps/s, "
+                      "{:.1f} prefill tokens/s",
+                      path, cached->decode_steps_per_s,
+                      cached->prefill_tokens_per_s);
+      return *cached;
+    }
+    if (!absl::IsNotFound(cached.status())) {
+      POLLEN_LOG_WARN("ignoring the throughput cache: {}",
+                      cached.status().ToString());
+    }
+  }
+
+  // Measure, on block 0 when no span is loaded yet.
+  std::shared_ptr<const BlockSpan> probe;
+  if (span == nullptr) {
+    POLLEN_ASSIGN_OR_RETURN(probe, LoadSpan(checkpoint, 0, 1, dtype, device));
+    span = probe.get();
+  }
+  const absl::Time started = absl::Now();
+  POLLEN_ASSIGN_OR_RETURN(const Throughput measured, MeasureThroughput(*span));
+  POLLEN_LOG_INFO("measured throughput of block {} in {}: {:.1f} decode "
+                  "steps/s, {:.1f} prefill tokens/s",
+                  span->start(), absl::FormatDuration(absl::Now() - started),
+                  measured.decode_steps_per_s, measured.prefill_tokens_per_s);
+  if (!path.empty()) {
+    const absl::Status written = WriteCachedThroughput(path, key, measured);
+    if (written.ok()) {
+      POLLEN_LOG_INFO("saved the throughput to cache {}", path);
+    } else {
+      POLLEN_LOG_WARN("could not save the throughput: {}", written.ToString());
+    }
+  }
+  return measured;
+}
+
+// Chooses the span when --blocks is absent and loads it.
+absl::StatusOr<std::shared_ptr<const BlockSpan>> ChooseAndLoadSpan(
+    const NodeOptions& options, const Checkpoint& checkpoint,
+    const std::string& model_id, at::ScalarType dtype, at::Device device,
+    DhtRegistry& registry, double throughput, std::mt19937_64& rng) {
+  const ModelConfig& config = checkpoint.config();
+  std::string length_reason;
+  POLLEN_ASSIGN_OR_RETURN(
+      const int length,
+      ChooseSpanLength(options.num_blocks, config, dtype, device,
+                       options.cache_tokens, &length_reason));
+  POLLEN_LOG_INFO("serving {} of {}'s {} blocks: {}", length, model_id,
+                  config.num_hidden_layers, length_reason);
+  POLLEN_ASSIGN_OR_RETURN(
+      const v1::BlockRange range,
+      ChooseInitialSpan(registry, model_id, registry.node_id(),
+                        static_cast<int>(config.num_hidden_layers), length,
+                        throughput, rng));
+  return LoadSpan(checkpoint, static_cast<int>(range.start()),
+                  static_cast<int>(range.end()), dtype, device);
+}
+
+absl::StatusOr<std::unique_ptr<grpc::Server>> StartServer(
+    const NodeOptions& options, BlockServiceImpl& service, int* bound_port) {
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::ServerBuilder builder;
+  const std::string listen_address =
+      absl::StrCat(options.listen_host, ":", options.port);
+  builder.AddListeningPort(listen_address, grpc::InsecureServerCredentials(),
+                           bound_port);
+  builder.SetMaxReceiveMessageSize(kMaxMessageBytes);
+  builder.SetMaxSendMessageSize(kMaxMessageBytes);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, 20000);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
+                             5000);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  builder.RegisterService(&service);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || *bound_port == 0) {
+    return absl::UnavailableError(absl::StrCat(
+        "cannot listen on ", listen_address,
+        "; is the port in use? Pick another with --port"));
+  }
+  return server;
+}
+
+// Announces, refreshes and reaps idle sessions until a stop signal arrives,
+// and returns the signal.
+int ServeUntilSignal(const NodeOptions& options, const sigset_t& stop_signals,
+                     Announcer& announcer, SessionManager& sessions,
+                     const ServiceContext& context) {
+  absl::Time next_announce = absl::InfinitePast();
+  while (true) {
+    const absl::Time now = absl::Now();
+    if (now >= next_announce) {
+      const absl::Status announced =
+          announcer.Announce(v1::NODE_STATE_ONLINE, absl::Seconds(10));
+      if (announced.ok()) {
+        POLLEN_LOG_DEBUG("announced {}", context.model_id);
+        next_announce = now + options.announce_period;
+      } else {
+        POLLEN_LOG_WARN("announce of {} failed, retrying in 2s: {}",
+                        context.model_id, announced.ToString());
+        next_announce = now + absl::Seconds(2);
+      }
+    }
+    sessions.CloseIdle(now);
+    const int stop_signal = WaitForSignal(stop_signals, absl::Seconds(1));
+    if (stop_signal != 0) return stop_signal;
+  }
+}
+
+// Lets open sessions finish: waits until none is left, the drain timeout
+// passes or another stop signal arrives.
+void DrainSessions(const NodeOptions& options, const sigset_t& stop_signals,
+                   SessionManager& sessions) {
+  const absl::Time deadline = absl::Now() + options.drain_timeout;
+  int open = sessions.open_sessions();
+  if (open > 0) {
+    POLLEN_LOG_INFO("draining {} open sessions for up to {}", open,
+                    absl::FormatDuration(options.drain_timeout));
+  }
+  while (open > 0) {
+    if (absl::Now() >= deadline) {
+      POLLEN_LOG_WARN("drain timeout of {} passed with {} sessions open; "
+                      "cancelling them",
+                      absl::FormatDuration(options.drain_timeout), open);
+      return;
+    }
+    const int stop_signal = WaitForSignal(stop_signals, absl::Milliseconds(100));
+    if (stop_signal != 0) {
+      POLLEN_LOG_WARN("received {} while draining; cancelling {} sessions",
+                      strsignal(stop_signal), open);
+      return;
+    }
+    sessions.CloseIdle(absl::Now());
+    open = sessions.open_sessions();
+  }
 }
 
 }  // namespace
@@ -112,76 +312,70 @@ absl::Status RunNode(const NodeOptions& options) {
   POLLEN_ASSIGN_OR_RETURN(const at::ScalarType dtype, ParseDtype(options.dtype));
   POLLEN_ASSIGN_OR_RETURN(const at::Device device, ParseDevice(options.device));
   if (options.threads > 0) at::set_num_threads(options.threads);
+  const uint64_t seed =
+      options.seed != 0 ? options.seed : std::random_device()();
+  std::mt19937_64 rng(seed);
 
-  // Load the span.
   POLLEN_ASSIGN_OR_RETURN(std::shared_ptr<const Checkpoint> checkpoint,
                           Checkpoint::Open(options.model_dir));
   const std::string model_id = options.model_id.empty()
                                    ? DefaultModelId(options.model_dir)
                                    : options.model_id;
-  const absl::Time load_started = absl::Now();
-  POLLEN_ASSIGN_OR_RETURN(
-      std::unique_ptr<BlockSpan> span,
-      BlockSpan::Load(*checkpoint, options.block_start, options.block_end,
-                      dtype, device));
-  POLLEN_LOG_INFO("loaded blocks {}:{} of {} ({} MiB of {} on {}) in {}",
-                  span->start(), span->end(), model_id,
-                  span->ParameterBytes() >> 20, options.dtype,
-                  device.str(), absl::FormatDuration(absl::Now() - load_started));
 
-  // Join the DHT with this node's identity.
-  dht::crypto::Identity identity;
-  if (options.identity_path.empty()) {
-    POLLEN_ASSIGN_OR_RETURN(identity, CreateEphemeralIdentity("pollen-node"));
-  } else {
-    POLLEN_ASSIGN_OR_RETURN(identity, LoadOrCreateIdentity(options.identity_path,
-                                                           "pollen-node"));
+  // A given span loads before the DHT starts, so that a bad checkpoint or
+  // range fails at once.
+  std::shared_ptr<const BlockSpan> span;
+  if (options.block_end > 0) {
+    if (options.num_blocks > 0) {
+      POLLEN_LOG_INFO("--blocks {}:{} given; ignoring --num-blocks {}",
+                      options.block_start, options.block_end,
+                      options.num_blocks);
+    }
+    POLLEN_ASSIGN_OR_RETURN(span, LoadSpan(*checkpoint, options.block_start,
+                                           options.block_end, dtype, device));
   }
-  DhtOptions dht_options;
-  dht_options.port = options.dht_port;
-  dht_options.bootstrap = options.initial_peers;
-  dht_options.identity = identity;
   POLLEN_ASSIGN_OR_RETURN(std::unique_ptr<DhtRegistry> registry,
-                          DhtRegistry::Start(dht_options));
-  POLLEN_RETURN_IF_ERROR(registry->WaitConnected(absl::Seconds(30)));
+                          JoinDht(options));
+  POLLEN_ASSIGN_OR_RETURN(
+      const Throughput throughput,
+      ResolveThroughput(options, *checkpoint, model_id, dtype, device,
+                        span.get()));
+  if (span == nullptr) {
+    POLLEN_LOG_INFO("no --blocks given; choosing a span (seed {})", seed);
+    POLLEN_ASSIGN_OR_RETURN(
+        span, ChooseAndLoadSpan(options, *checkpoint, model_id, dtype, device,
+                                *registry, throughput.decode_steps_per_s, rng));
+  }
 
-  // Start serving.
+  // Start serving. The mover is created after the server, so MoveBlocks
+  // calls that arrive before it exists get UNAVAILABLE.
   SessionLimits limits;
   limits.cache_token_budget = options.cache_tokens;
   limits.idle_timeout = options.session_idle_timeout;
-  SessionManager sessions(*span, limits);
+  SessionManager sessions(limits);
 
+  std::atomic<SpanMover*> mover_slot{nullptr};
   ServiceContext context;
   context.model_id = model_id;
   context.node_id = registry->node_id();
-  context.span = span.get();
+  context.public_name = options.public_name;
+  context.config = checkpoint->config();
+  context.spans.Set(span);
   context.sessions = &sessions;
+  context.move_blocks = [&mover_slot](int start, int end,
+                                      SpanMover::MoveDone done) {
+    SpanMover* mover = mover_slot.load();
+    if (mover == nullptr) {
+      done(absl::UnavailableError("node is still starting; retry shortly"));
+      return;
+    }
+    mover->RequestMove(start, end, std::move(done));
+  };
   BlockServiceImpl service(&context);
-
-  grpc::EnableDefaultHealthCheckService(true);
-  grpc::ServerBuilder builder;
   int bound_port = 0;
-  const std::string listen_address =
-      absl::StrCat(options.listen_host, ":", options.port);
-  builder.AddListeningPort(listen_address, grpc::InsecureServerCredentials(),
-                           &bound_port);
-  builder.SetMaxReceiveMessageSize(kMaxMessageBytes);
-  builder.SetMaxSendMessageSize(kMaxMessageBytes);
-  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, 20000);
-  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
-  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
-                             5000);
-  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
-  builder.RegisterService(&service);
-  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  if (server == nullptr || bound_port == 0) {
-    return absl::UnavailableError(absl::StrCat(
-        "cannot listen on ", listen_address,
-        "; is the port in use? Pick another with --port"));
-  }
+  POLLEN_ASSIGN_OR_RETURN(std::unique_ptr<grpc::Server> server,
+                          StartServer(options, service, &bound_port));
   const std::string address = absl::StrCat(options.announce_host, ":", bound_port);
-  context.public_name =
-      options.public_name.empty() ? address : options.public_name;
 
   POLLEN_LOG_INFO("node {} serving {} blocks {}:{} at {}, DHT port {}",
                   context.node_id, model_id, span->start(), span->end(),
@@ -193,45 +387,56 @@ absl::Status RunNode(const NodeOptions& options) {
     POLLEN_LOG_INFO("joined the swarm through {}",
                     absl::StrJoin(options.initial_peers, ","));
   }
+  span.reset();  // the service and its sessions own spans from here on
 
-  // Announce, refresh and reap idle sessions until a stop signal arrives.
-  absl::Time next_announce = absl::InfinitePast();
-  int stop_signal = 0;
-  while (stop_signal == 0) {
-    const absl::Time now = absl::Now();
-    if (now >= next_announce) {
-      const v1::NodeRecord record =
-          MakeRecord(context, address, v1::NODE_STATE_ONLINE,
-                     sessions.cache_tokens_left(), options.record_ttl);
-      const absl::Status announced =
-          registry->Announce(record, absl::Seconds(10));
-      if (announced.ok()) {
-        POLLEN_LOG_DEBUG("announced {} blocks {}:{}", model_id, span->start(),
-                         span->end());
-        next_announce = now + options.announce_period;
-      } else {
-        POLLEN_LOG_WARN("announce of {} blocks {}:{} failed, retrying in 2s: {}",
-                        model_id, span->start(), span->end(),
-                        announced.ToString());
-        next_announce = now + absl::Seconds(2);
-      }
-    }
-    sessions.CloseIdle(now);
-    stop_signal = WaitForSignal(stop_signals, absl::Seconds(1));
-  }
+  // Background work: next-hop RTTs and moves.
+  NextHopProber prober(registry.get(), &context, options.announce_period);
+  RecordInfo info;
+  info.address = address;
+  info.throughput = throughput;
+  info.device = device.str();
+  info.dtype = DtypeName(dtype);
+  info.record_ttl = options.record_ttl;
+  info.public_name = options.public_name.empty() ? address : options.public_name;
+  Announcer announcer(registry.get(), &context, &prober, info);
+
+  MoverOptions mover_options;
+  mover_options.rebalance_period = options.rebalance_period;
+  mover_options.min_balance_gain = options.min_balance_gain;
+  mover_options.drain_timeout = options.drain_timeout;
+  mover_options.seed = seed + 1;
+  MoverTargets targets;
+  targets.checkpoint = checkpoint;
+  targets.dtype = dtype;
+  targets.device = device;
+  targets.throughput = throughput.decode_steps_per_s;
+  targets.service = &context;
+  targets.sessions = &sessions;
+  targets.announcer = &announcer;
+  targets.registry = registry.get();
+  SpanMover mover(mover_options, targets);
+  mover_slot = &mover;
+  prober.Start();
+  mover.Start();
+
+  const int stop_signal =
+      ServeUntilSignal(options, stop_signals, announcer, sessions, context);
 
   // Withdraw first, so that clients route elsewhere while sessions drain.
   POLLEN_LOG_INFO("received {}, shutting down node {}", strsignal(stop_signal),
                   context.node_id);
   context.draining = true;
-  const v1::NodeRecord offline =
-      MakeRecord(context, address, v1::NODE_STATE_OFFLINE, 0, options.record_ttl);
-  const absl::Status withdrawn = registry->Announce(offline, absl::Seconds(5));
+  mover.Stop();
+  mover_slot = nullptr;
+  const absl::Status withdrawn =
+      announcer.Announce(v1::NODE_STATE_OFFLINE, absl::Seconds(5));
   if (!withdrawn.ok()) {
     POLLEN_LOG_WARN("withdrawing records failed: {}", withdrawn.ToString());
   }
+  DrainSessions(options, stop_signals, sessions);
+  prober.Stop();
   server->Shutdown(std::chrono::system_clock::now() +
-                   absl::ToChronoSeconds(options.drain_timeout));
+                   absl::ToChronoMilliseconds(kShutdownGrace));
   server->Wait();
   registry.reset();
   POLLEN_LOG_INFO("node {} stopped", context.node_id);

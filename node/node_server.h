@@ -16,9 +16,24 @@ struct NodeOptions {
   std::string model_dir;
   // Id announced in the DHT; empty means DefaultModelId(model_dir).
   std::string model_id;
-  // Blocks [block_start, block_end) to serve.
+  // Blocks [block_start, block_end) to serve. A block_end of 0 lets the node
+  // choose its span from the swarm's records (see num_blocks).
   int block_start = 0;
   int block_end = 0;
+  // Length of the span the node chooses; 0 means as many blocks as fit in
+  // the device's free memory next to the KV cache budget.
+  int num_blocks = 0;
+  // Seeds the jitter of the span choice and of rebalancing; 0 draws a
+  // random seed.
+  uint64_t seed = 0;
+
+  // Decode steps per second through one block to announce instead of a
+  // measurement; 0 measures at start, or reads an earlier measurement from
+  // the throughput cache.
+  double throughput = 0;
+  // JSON file that keeps measurements across starts; empty means
+  // DefaultThroughputCachePath() (~/.cache/pollen/throughput.json).
+  std::string throughput_cache_path;
 
   // Address the gRPC server binds; port 0 picks a free port.
   std::string listen_host = "0.0.0.0";
@@ -44,8 +59,15 @@ struct NodeOptions {
   // lapse between refreshes.
   absl::Duration announce_period = absl::Seconds(30);
   absl::Duration record_ttl = absl::Seconds(90);
-  // How long open sessions may run on after SIGTERM before being cancelled.
-  absl::Duration drain_timeout = absl::Seconds(5);
+  // How long open sessions may go on after SIGTERM or a move before they are
+  // cancelled. Their responses meanwhile carry `draining`.
+  absl::Duration drain_timeout = absl::Seconds(30);
+  // How often the node checks whether other blocks would serve the swarm
+  // better; zero disables rebalancing.
+  absl::Duration rebalance_period = absl::Minutes(5);
+  // A rebalance moves only when the swarm's weakest block gets at least this
+  // many times faster.
+  double min_balance_gain = 1.25;
 
   // "float32", "float16" or "bfloat16": the dtype of weights and KV cache.
   std::string dtype = "float32";
@@ -55,9 +77,12 @@ struct NodeOptions {
   int threads = 0;
 };
 
-// Runs a node until SIGINT or SIGTERM, then withdraws its records and stops.
+// Runs a node until SIGINT or SIGTERM. It then withdraws its records and
+// lets open sessions finish, with `draining` set in their responses, until
+// they close or the drain timeout passes. A second signal ends the wait.
 // Returns an error when the node cannot start: bad options, a missing or
-// broken checkpoint, a port in use, or an unreachable DHT.
+// broken checkpoint, a port in use, too little memory, or an unreachable
+// DHT.
 absl::Status RunNode(const NodeOptions& options);
 
 }  // namespace pollen::node

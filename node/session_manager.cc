@@ -9,14 +9,18 @@
 
 namespace pollen::node {
 
-SessionManager::SessionManager(const BlockSpan& span, SessionLimits limits)
-    : span_(span), limits_(limits) {}
+SessionManager::SessionManager(SessionLimits limits) : limits_(limits) {}
 
 absl::StatusOr<std::shared_ptr<Session>> SessionManager::Open(
-    const SessionRequest& request) {
+    const SessionRequest& request, std::shared_ptr<const BlockSpan> span) {
   auto session = std::make_shared<Session>();
   session->request = request;
   session->reserved_tokens = request.batch_size * request.max_length;
+  session->span_key = span.get();
+  {
+    absl::MutexLock lock(&session->mu);
+    session->span = std::move(span);
+  }
 
   // Reserve the budget first, so that two sessions racing for the last
   // tokens cannot both allocate.
@@ -43,9 +47,8 @@ absl::StatusOr<std::shared_ptr<Session>> SessionManager::Open(
       absl::StrCat("allocating KV cache for session '", request.session_id, "'"),
       [&]() {
         absl::MutexLock lock(&session->mu);
-        session->cache = span_.AllocateCache(request.from, request.to,
-                                             request.batch_size,
-                                             request.max_length);
+        session->cache = session->span->AllocateCache(
+            request.from, request.to, request.batch_size, request.max_length);
         session->last_used = absl::Now();
         return absl::OkStatus();
       });
@@ -78,6 +81,7 @@ void SessionManager::Close(const std::string& session_id,
     session->closed = true;
     session->closed_reason = reason;
     session->cache.clear();
+    session->span.reset();
     position = session->position;
   }
   POLLEN_LOG_INFO("session {} closed ({}) after {} tokens", session_id,
@@ -100,6 +104,38 @@ int SessionManager::CloseIdle(absl::Time now) {
                            absl::FormatDuration(limits_.idle_timeout)));
   }
   return static_cast<int>(idle.size());
+}
+
+std::vector<std::string> SessionManager::SessionIdsOn(
+    const BlockSpan* span) const {
+  absl::MutexLock lock(&mu_);
+  std::vector<std::string> ids;
+  for (const auto& [id, session] : sessions_) {
+    if (span == nullptr || session->span_key == span) ids.push_back(id);
+  }
+  return ids;
+}
+
+int SessionManager::MarkDraining(const BlockSpan* span) {
+  absl::MutexLock lock(&mu_);
+  int marked = 0;
+  for (const auto& [id, session] : sessions_) {
+    if (span != nullptr && session->span_key != span) continue;
+    session->draining = true;
+    ++marked;
+  }
+  return marked;
+}
+
+int SessionManager::CloseSessionsOn(const BlockSpan* span,
+                                    const std::string& reason) {
+  const std::vector<std::string> ids = SessionIdsOn(span);
+  for (const std::string& id : ids) Close(id, reason);
+  return static_cast<int>(ids.size());
+}
+
+int SessionManager::CountSessionsOn(const BlockSpan* span) const {
+  return static_cast<int>(SessionIdsOn(span).size());
 }
 
 int64_t SessionManager::cache_tokens_left() const {

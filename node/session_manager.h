@@ -1,6 +1,7 @@
 // Inference sessions open on a node and the KV cache budget they share.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -26,19 +27,31 @@ struct SessionRequest {
   int64_t max_length = 0;
 };
 
-// One client's state on this node: the KV cache of blocks [from, to) and the
-// number of positions it holds. A session is used by one stream at a time;
-// `mu` serialises its steps against the idle reaper.
+// One client's state on this node: the span it opened on, the KV cache of
+// blocks [from, to) and the number of positions it holds. A session is used
+// by one stream at a time; `mu` serialises its steps against the idle reaper
+// and against closing.
 struct Session {
   SessionRequest request;
   int64_t reserved_tokens = 0;  // batch_size * max_length
+  // Identity of the span the session opened on, for comparisons only. While
+  // the session is in its manager, `span` below keeps that span alive, so
+  // the address cannot be reused by another span.
+  const BlockSpan* span_key = nullptr;
+  // Set when the node moved away from the session's span, so that responses
+  // carry `draining` and the client moves the session. Shutdown sets
+  // ServiceContext::draining instead.
+  std::atomic<bool> draining{false};
 
   absl::Mutex mu;
+  // The span the session runs on, kept after the node moves to another
+  // span; null once the session is closed.
+  std::shared_ptr<const BlockSpan> span ABSL_GUARDED_BY(mu);
   int64_t position ABSL_GUARDED_BY(mu) = 0;
   std::vector<LayerKvCache> cache ABSL_GUARDED_BY(mu);  // one per block
   absl::Time last_used ABSL_GUARDED_BY(mu);
-  // Set when the session was freed (closed or idle too long); its cache is
-  // released and further steps fail.
+  // Set when the session was freed (closed or idle too long); its cache and
+  // span are released and further steps fail.
   bool closed ABSL_GUARDED_BY(mu) = false;
   std::string closed_reason ABSL_GUARDED_BY(mu);
 };
@@ -52,23 +65,36 @@ struct SessionLimits {
   int64_t max_batch_size = 64;
 };
 
-// Owns the open sessions of a node. Thread-safe.
+// Owns the open sessions of a node, which may run on different spans while
+// the node moves. The cache budget is shared by all of them. Thread-safe.
 class SessionManager {
  public:
-  // `span` must outlive the manager.
-  SessionManager(const BlockSpan& span, SessionLimits limits);
+  explicit SessionManager(SessionLimits limits);
 
-  // Reserves the cache for a new session. Returns ALREADY_EXISTS for a
-  // duplicate id and RESOURCE_EXHAUSTED when the budget is short, naming the
-  // tokens requested and left.
-  absl::StatusOr<std::shared_ptr<Session>> Open(const SessionRequest& request);
+  // Reserves the cache for a new session on `span`, which must cover blocks
+  // [request.from, request.to). The session keeps `span` alive until it is
+  // closed. Returns ALREADY_EXISTS for a duplicate id and RESOURCE_EXHAUSTED
+  // when the budget is short, naming the tokens requested and left.
+  absl::StatusOr<std::shared_ptr<Session>> Open(
+      const SessionRequest& request, std::shared_ptr<const BlockSpan> span);
 
-  // Frees a session's cache and budget. Unknown ids are ignored.
+  // Frees a session's cache, span and budget. Unknown ids are ignored.
   void Close(const std::string& session_id, const std::string& reason);
 
   // Frees sessions idle since before now - idle_timeout that are not in the
   // middle of a step. Returns how many were freed.
   int CloseIdle(absl::Time now);
+
+  // Sets `draining` on every session opened on `span`, or on every session
+  // when `span` is null. Returns how many sessions it marked.
+  int MarkDraining(const BlockSpan* span);
+
+  // Closes every session opened on `span`, waiting for steps in progress.
+  // Returns how many it closed.
+  int CloseSessionsOn(const BlockSpan* span, const std::string& reason);
+
+  // Number of open sessions on `span`.
+  int CountSessionsOn(const BlockSpan* span) const;
 
   int64_t cache_tokens_left() const;
   int64_t cache_tokens_total() const { return limits_.cache_token_budget; }
@@ -76,7 +102,9 @@ class SessionManager {
   const SessionLimits& limits() const { return limits_; }
 
  private:
-  const BlockSpan& span_;
+  // Ids of the open sessions on `span` (all of them when `span` is null).
+  std::vector<std::string> SessionIdsOn(const BlockSpan* span) const;
+
   const SessionLimits limits_;
 
   mutable absl::Mutex mu_;

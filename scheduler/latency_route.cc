@@ -1,6 +1,7 @@
 #include "scheduler/latency_route.h"
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <unordered_map>
 #include <utility>
@@ -70,15 +71,49 @@ absl::StatusOr<std::vector<std::vector<int>>> CoveringSpans(
   return covering;
 }
 
+// RTTs that are negative, infinite or NaN count as not measured.
+bool IsValidRtt(double rtt_ms) { return std::isfinite(rtt_ms) && rtt_ms >= 0; }
+
 double ClientRttMs(const std::string& node_id, const LatencyModel& model) {
   const auto it = model.client_rtt_ms.find(node_id);
-  return it == model.client_rtt_ms.end() ? model.default_rtt_ms : it->second;
+  return it == model.client_rtt_ms.end() || !IsValidRtt(it->second)
+             ? model.default_rtt_ms
+             : it->second;
+}
+
+// Returns the announced RTT from `from` to `to`, or -1 when there is none.
+double AnnouncedRttMs(const ServerSpan& from, const std::string& to) {
+  const auto it = from.next_rtt_ms.find(to);
+  return it == from.next_rtt_ms.end() || !IsValidRtt(it->second) ? -1
+                                                                 : it->second;
 }
 
 double StepMsPerBlock(const ServerSpan& span, const LatencyModel& model) {
   const double throughput =
-      span.throughput > 0 ? span.throughput : model.default_throughput;
+      span.throughput > 0 && std::isfinite(span.throughput)
+          ? span.throughput
+          : model.default_throughput;
   return 1000.0 / throughput;
+}
+
+absl::Status CheckModel(const LatencyModel& model) {
+  if (!(model.default_throughput > 0 &&
+        std::isfinite(model.default_throughput))) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "LatencyModel.default_throughput is ", model.default_throughput,
+        "; it must be positive and finite"));
+  }
+  if (!IsValidRtt(model.default_rtt_ms)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("LatencyModel.default_rtt_ms is ", model.default_rtt_ms,
+                     "; it must be 0 or more and finite"));
+  }
+  if (!IsValidRtt(model.low_cache_penalty_ms)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "LatencyModel.low_cache_penalty_ms is ", model.low_cache_penalty_ms,
+        "; it must be 0 or more and finite"));
+  }
+  return absl::OkStatus();
 }
 
 bool HasLowCache(const ServerSpan& span, const LatencyModel& model) {
@@ -89,9 +124,9 @@ bool HasLowCache(const ServerSpan& span, const LatencyModel& model) {
 // Per-span costs of FindFastestRoute, with spans named by their position in
 // the usable list.
 struct SpanCosts {
-  double step_ms = 0;        // compute per block
-  double enter_ms = 0;       // return leg plus the low-cache penalty
-  double client_half_ms = 0; // forward leg when no RTT is announced
+  double step_ms = 0;         // compute per block
+  double enter_ms = 0;        // return leg plus the low-cache penalty
+  double client_half_ms = 0;  // forward leg when no RTT is announced
   // Announced forward legs to other usable spans, sorted by position.
   std::vector<std::pair<int, double>> links;
 };
@@ -113,6 +148,7 @@ std::vector<SpanCosts> ComputeSpanCosts(const std::vector<ServerSpan>& spans,
     cost.enter_ms = cost.client_half_ms +
                     (HasLowCache(span, model) ? model.low_cache_penalty_ms : 0);
     for (const auto& [next_id, rtt_ms] : span.next_rtt_ms) {
+      if (!IsValidRtt(rtt_ms)) continue;
       const auto it = positions_by_id.find(next_id);
       if (it == positions_by_id.end()) continue;
       for (int position : it->second) {
@@ -127,8 +163,8 @@ std::vector<SpanCosts> ComputeSpanCosts(const std::vector<ServerSpan>& spans,
 }
 
 bool HasLink(const SpanCosts& from, int to) {
-  const auto it = std::lower_bound(
-      from.links.begin(), from.links.end(), std::make_pair(to, -kInfinity));
+  const auto it = std::lower_bound(from.links.begin(), from.links.end(),
+                                   std::make_pair(to, -kInfinity));
   return it != from.links.end() && it->first == to;
 }
 
@@ -152,9 +188,9 @@ double RouteLatencyMs(const std::vector<RouteHop>& route,
 
     double forward_ms = client_half_ms;
     if (i > 0) {
-      const auto& announced = route[i - 1].server.next_rtt_ms;
-      const auto it = announced.find(server.node_id);
-      if (it != announced.end()) forward_ms = it->second / 2;
+      const double announced_ms =
+          AnnouncedRttMs(route[i - 1].server, server.node_id);
+      if (announced_ms >= 0) forward_ms = announced_ms / 2;
     }
 
     total_ms += forward_ms + client_half_ms +
@@ -170,11 +206,7 @@ absl::StatusOr<std::vector<RouteHop>> FindFastestRoute(
   if (absl::Status status = CheckRange(start, end); !status.ok()) {
     return status;
   }
-  if (!(model.default_throughput > 0)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("LatencyModel.default_throughput is ",
-                     model.default_throughput, "; it must be positive"));
-  }
+  if (absl::Status status = CheckModel(model); !status.ok()) return status;
 
   // Usable spans, the spans covering each block, and per-span costs.
   const int64_t min_cache_tokens =
@@ -186,7 +218,7 @@ absl::StatusOr<std::vector<RouteHop>> FindFastestRoute(
   if (!covering.ok()) return covering.status();
   const std::vector<SpanCosts> costs = ComputeSpanCosts(spans, usable, model);
 
-  // layers[k] holds the states at boundary start + k, and layer 0 is the
+  // layers[k] contains the states at boundary start + k, and layer 0 is the
   // client alone. The position arrays map a span to its state in the
   // current and next layer, or -1.
   const int length = end - start;
@@ -269,9 +301,15 @@ absl::StatusOr<std::vector<RouteHop>> FindFastestRoute(
     span_of_block[k - 1] = span;
     if (k == 1) break;
     const std::vector<State>& layer = layers[k];
-    const auto it = std::find_if(
-        layer.begin(), layer.end(),
-        [span](const State& state) { return state.span == span; });
+    const auto it =
+        std::find_if(layer.begin(), layer.end(),
+                     [span](const State& state) { return state.span == span; });
+    // Every state has a finite cost and so a predecessor; the check only
+    // guards against a broken invariant.
+    if (it == layer.end()) {
+      return absl::InternalError(
+          absl::StrCat("route search lost its path at block ", start + k - 1));
+    }
     span = it->previous;
   }
 
@@ -281,8 +319,8 @@ absl::StatusOr<std::vector<RouteHop>> FindFastestRoute(
     while (hop_end < length && span_of_block[hop_end] == span_of_block[k]) {
       ++hop_end;
     }
-    route.push_back(RouteHop{spans[usable[span_of_block[k]]], start + k,
-                             start + hop_end});
+    route.push_back(
+        RouteHop{spans[usable[span_of_block[k]]], start + k, start + hop_end});
     k = hop_end;
   }
   return route;

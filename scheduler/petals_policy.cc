@@ -1,12 +1,13 @@
 #include "scheduler/petals_policy.h"
 
 #include <algorithm>
+#include <cmath>
 #include <numeric>
 
 namespace pollen::scheduler {
 namespace {
 
-// A span as the rebalancing simulation sees it.
+// A span reduced to what the rebalancing simulation needs.
 struct Placed {
   int start = 0;
   int length = 0;
@@ -16,7 +17,9 @@ struct Placed {
 Placed Clip(const ServerSpan& span, int num_blocks) {
   const int first = std::max(span.start, 0);
   const int last = std::min(span.end, num_blocks);
-  return Placed{first, last - first, span.throughput > 0 ? span.throughput : 0};
+  const double throughput = span.throughput;
+  return Placed{first, last - first,
+                throughput > 0 && std::isfinite(throughput) ? throughput : 0};
 }
 
 void AddOn(std::vector<double>& throughputs, int start, int length,
@@ -54,7 +57,8 @@ int Rebalance(std::vector<Placed>& placed, std::vector<double>& throughputs,
       Placed& span = placed[i];
       // Subtracting a little more than the span's own throughput makes its
       // current start win near-ties, as in Petals.
-      AddOn(throughputs, span.start, span.length, -span.throughput * (1 + kEps));
+      AddOn(throughputs, span.start, span.length,
+            -span.throughput * (1 + kEps));
       const int best = PetalsChooseBestStart(throughputs, span.length);
       AddOn(throughputs, span.start, span.length, span.throughput * kEps);
       if (best != span.start) {
@@ -102,8 +106,8 @@ int PetalsChooseBestStart(const std::vector<double>& block_throughputs,
   return best;
 }
 
-int PetalsChooseSpanStart(const std::vector<ServerSpan>& others,
-                          int num_blocks, int length) {
+int PetalsChooseSpanStart(const std::vector<ServerSpan>& others, int num_blocks,
+                          int length) {
   if (num_blocks <= 0) return 0;
   return PetalsChooseBestStart(BlockThroughputs(others, num_blocks), length);
 }
@@ -129,8 +133,8 @@ MoveDecision PetalsDecideMoveForThroughputs(
   // from per-block records.
   const auto own_it =
       std::find_if(spans.begin(), spans.end(), [&](const ServerSpan& span) {
-        return span.node_id == self && std::max(span.start, 0) <
-                                           std::min(span.end, num_blocks);
+        return span.node_id == self &&
+               std::max(span.start, 0) < std::min(span.end, num_blocks);
       });
   if (own_it == spans.end()) return decision;
   const Placed own = Clip(*own_it, num_blocks);
@@ -142,9 +146,9 @@ MoveDecision PetalsDecideMoveForThroughputs(
 
   // The simulated minimum cannot exceed the mean, so a swarm already within
   // balance_quality of it never moves.
-  const double mean = std::accumulate(block_throughputs.begin(),
-                                      block_throughputs.end(), 0.0) /
-                      num_blocks;
+  const double mean =
+      std::accumulate(block_throughputs.begin(), block_throughputs.end(), 0.0) /
+      num_blocks;
   if (balance_quality <= 1.0 &&
       initial_min >= (balance_quality - kEps) * mean * (1 + 1e-9)) {
     return decision;
@@ -173,9 +177,8 @@ MoveDecision PetalsDecideMoveForThroughputs(
   for (auto it = spans.begin(); it != spans.end(); ++it) {
     const Placed span = Clip(*it, num_blocks);
     if (span.length <= 0) continue;
-    placed.push_back(it == own_it ? Placed{best_start, own.length,
-                                           own.throughput}
-                                  : span);
+    placed.push_back(
+        it == own_it ? Placed{best_start, own.length, own.throughput} : span);
   }
   AddOn(throughputs, own.start, own.length, own.throughput * kEps);
   AddOn(throughputs, best_start, own.length, own.throughput);

@@ -24,9 +24,8 @@ inline constexpr double kPetalsEpsilon = 1e-3;
 
 // Cap on the rounds of the simulated rebalancing in PetalsDecideMove. Petals
 // has no cap.
-// NOTE: a round moves at least one span or ends the loop; runs of the
-// simulator have not come near this cap, but it is not a proof that Petals'
-// loop always ends sooner.
+// NOTE: Petals' loop has no proven bound. The pollen-simulate runs behind
+// docs/scale.md needed at most 18 rounds.
 inline constexpr int kPetalsMaxRebalanceRounds = 100;
 
 // Returns Petals' choose_best_blocks start: among all windows of `length`
@@ -38,26 +37,26 @@ int PetalsChooseBestStart(const std::vector<double>& block_throughputs,
                           int length);
 
 // PetalsChooseBestStart over BlockThroughputs(others, num_blocks).
-int PetalsChooseSpanStart(const std::vector<ServerSpan>& others,
-                          int num_blocks, int length);
+int PetalsChooseSpanStart(const std::vector<ServerSpan>& others, int num_blocks,
+                          int length);
 
 // Petals' should_choose_other_blocks for node `self` (the first span with that
 // id). With T the block throughputs and eps = kPetalsEpsilon:
 //   1. if balance_quality > 1, always move;
-//   2. subtract self's throughput * (1 + eps) from its blocks; if min(T) was
-//      above eps and some block drops to 0 or below, stay (the swarm would
-//      lose a block);
+//   2. subtract self's throughput * (1 + eps) from its blocks. If min(T) was
+//      above eps and some block drops to 0 or below, stay, because the swarm
+//      would lose a block;
 //   3. if PetalsChooseBestStart of the result is the current start, stay;
 //   4. simulate the move, then let every node (self included) re-choose its
 //      start in rounds, in an order shuffled with `rng` each round, until a
-//      round moves nobody;
+//      round moves no span;
 //   5. stay if the simulated min(T) is below the current one or below eps;
 //      otherwise move iff current_min / simulated_min < balance_quality - eps,
-//      that is, when the swarm could become more than about 1/0.75 times as
-//      strong at its weakest block.
-// The returned new_start is the start of step 3, where Petals' server
-// re-chooses its blocks after deciding to move; new_min is the simulated
-// minimum, or current_min when the rule stayed before simulating.
+//      that is, when the swarm's weakest block could become more than about
+//      1 / balance_quality times as strong (1.33 with the default).
+// The returned new_start is the best start of step 3, found with this node's
+// span removed. new_min is the simulated minimum, or current_min when the
+// rule stayed before simulating.
 //
 // Unlike Petals, this first checks a bound the simulation cannot beat
 // (every node keeps its length, so the simulated minimum is at most the mean

@@ -13,12 +13,15 @@ constexpr double kInfinity = std::numeric_limits<double>::infinity();
 // rounding in sums of throughputs does not decide a tie.
 constexpr double kTieTolerance = 1e-12;
 
-// Unserved blocks count as this fraction of the joining node's throughput
-// in the second score, which makes one unserved block outweigh about a
-// thousand served ones.
+// Unserved blocks count as having this fraction of the joining node's
+// throughput in the second score, which then values them about 100 times as
+// much as a block served with a tenth of the node's throughput.
 constexpr double kThroughputFloor = 1e-3;
 
-double Contribution(double throughput) { return throughput > 0 ? throughput : 0; }
+// Throughputs that are 0 or less, infinite or NaN count as 0.
+double Contribution(double throughput) {
+  return throughput > 0 && std::isfinite(throughput) ? throughput : 0;
+}
 
 void AddSpan(const ServerSpan& span, std::vector<double>& throughputs) {
   const int num_blocks = static_cast<int>(throughputs.size());
@@ -44,7 +47,7 @@ struct StartScores {
 StartScores ScoreStarts(const std::vector<double>& throughputs, int length,
                         double throughput) {
   const int num_blocks = static_cast<int>(throughputs.size());
-  const double added = throughput > 0 ? throughput : 1;
+  const double added = Contribution(throughput) > 0 ? throughput : 1;
   const double floor = added * kThroughputFloor;
 
   // prefix_min[i] = min(T[0, i)), suffix_min[i] = min(T[i, num_blocks)).
@@ -67,10 +70,11 @@ StartScores ScoreStarts(const std::vector<double>& throughputs, int length,
     for (int block = start; block < start + length; ++block) {
       const double before = throughputs[block];
       inside_min = std::min(inside_min, before + added);
-      relief += 1 / std::max(before, floor) - 1 / std::max(before + added, floor);
+      relief +=
+          1 / std::max(before, floor) - 1 / std::max(before + added, floor);
     }
-    scores.min_after[start] = std::min(
-        {prefix_min[start], suffix_min[start + length], inside_min});
+    scores.min_after[start] =
+        std::min({prefix_min[start], suffix_min[start + length], inside_min});
     scores.relief[start] = relief;
   }
   return scores;
@@ -86,14 +90,14 @@ std::vector<int> WithinJitter(const std::vector<double>& score,
     best = std::max(best, score[i]);
     worst = std::min(worst, score[i]);
   }
-  const double threshold =
-      best - std::clamp(jitter, 0.0, 1.0) * (best - worst) -
-      kTieTolerance * std::max(std::abs(best), 1.0);
+  const double threshold = best -
+                           std::clamp(jitter, 0.0, 1.0) * (best - worst) -
+                           kTieTolerance * std::max(std::abs(best), 1.0);
   std::vector<int> kept;
   for (int i : indices) {
     if (score[i] >= threshold) kept.push_back(i);
   }
-  return kept;
+  return kept.empty() ? indices : kept;
 }
 
 std::vector<int> CandidateStarts(const std::vector<double>& throughputs,
@@ -148,10 +152,9 @@ int ChooseSpanStart(const std::vector<ServerSpan>& others, int num_blocks,
 MoveDecision DecideMove(const std::vector<ServerSpan>& spans,
                         const std::string& self, int num_blocks,
                         double min_gain, std::mt19937_64& rng) {
-  const auto own =
-      std::find_if(spans.begin(), spans.end(), [&self](const ServerSpan& span) {
-        return span.node_id == self;
-      });
+  const auto own = std::find_if(
+      spans.begin(), spans.end(),
+      [&self](const ServerSpan& span) { return span.node_id == self; });
   if (own == spans.end() || num_blocks <= 0) return MoveDecision{};
   return DecideMoveForThroughputs(BlockThroughputs(spans, num_blocks),
                                   own->start, own->end, own->throughput,

@@ -17,8 +17,9 @@
 namespace pollen::scheduler {
 
 // Returns the total throughput of each block in [0, num_blocks): the sum of
-// the throughputs of the spans covering it, with throughputs of 0 or less
-// counting as 0. Parts of spans outside [0, num_blocks) are ignored.
+// the throughputs of the spans covering it, with throughputs that are 0 or
+// less, infinite or NaN counting as 0. Parts of spans outside
+// [0, num_blocks) are ignored.
 std::vector<double> BlockThroughputs(const std::vector<ServerSpan>& spans,
                                      int num_blocks);
 
@@ -27,24 +28,25 @@ double MinBlockThroughput(const std::vector<double>& block_throughputs);
 
 // Returns the start of the `length` blocks that a node with `throughput`
 // should serve, given the other nodes' spans. `length` is clamped to
-// [1, num_blocks], throughput <= 0 counts as 1, and the result is 0 when
-// num_blocks <= 0.
+// [1, num_blocks], a throughput that BlockThroughputs would count as 0
+// counts as 1 here, and the result is 0 when num_blocks <= 0.
 //
 // Each start s is scored by, first, the swarm's minimum block throughput
 // after adding `throughput` on [s, s + length), and second, the sum over
 // that window of 1/T_b - 1/(T_b + throughput), with T_b floored at
-// throughput / 1000. The second score breaks the frequent ties of the first
-// (whenever the weakest block lies outside every window that can change the
-// minimum) in favour of windows of weak blocks, and it values an unserved
-// block far above any served one, so that joining nodes close gaps first.
+// throughput / 1000. The first score ties often, for example when two
+// distant blocks share the minimum. The second breaks such ties in favour of
+// windows of weak blocks. An unserved block scores 999 / throughput, about
+// 100 times as much as a block served with a tenth of `throughput`, so
+// joining nodes close gaps first.
 //
 // Jitter spreads nodes that choose at the same time without seeing each
 // other. The candidates are the starts whose first score lies in the top
-// `jitter` fraction of the range between the worst and best start, narrowed
-// the same way by the second score, and the result is drawn uniformly from
-// them with `rng`. Measuring against the range rather than the best score
-// matters in large swarms: there one node changes any score by a few
-// percent, so a band relative to the best score would admit nearly every
+// `jitter` fraction of the range between the worst and best start. The
+// second score narrows them the same way, and `rng` draws the result
+// uniformly from those left. Measuring against the range rather than the
+// best score matters in large swarms, where one node changes any score by a
+// few percent, so a band relative to the best score would admit nearly every
 // start. With jitter 0 the result maximises the minimum exactly, and `rng`
 // only breaks exact ties.
 int ChooseSpanStart(const std::vector<ServerSpan>& others, int num_blocks,
@@ -79,8 +81,8 @@ inline constexpr double kMoveJitter = 0.05;
 //   2. no block that only `self` serves becomes unserved, unless the new
 //      span still covers it;
 //   3. if every block is served now, the minimum block throughput after the
-//      move exceeds min_gain times the current one (hysteresis: 1.2 means
-//      20% better); if some block is unserved now, the move leaves fewer
+//      move exceeds min_gain times the current one (hysteresis, so 1.2 means
+//      20% better). If some block is unserved now, the move must leave fewer
 //      blocks unserved.
 // The span of `self` is the first one with that node id. Returns move = false
 // with zeros when `self` is absent or num_blocks <= 0.
@@ -96,9 +98,11 @@ MoveDecision DecideMoveForThroughputs(
     const std::vector<double>& block_throughputs, int own_start, int own_end,
     double own_throughput, double min_gain, std::mt19937_64& rng);
 
-// Returns how many blocks fit into `memory_bytes`:
-// floor((memory_bytes - reserve_bytes) / (block_bytes + cache_bytes_per_block)),
-// or 0 when that is negative or the per-block size is not positive.
+// Returns how many blocks fit into `memory_bytes`, that is
+//   floor((memory_bytes - reserve_bytes) /
+//         (block_bytes + cache_bytes_per_block)),
+// or 0 when that is negative or the per-block size is not positive. A
+// negative reserve counts as 0.
 int BlocksThatFit(int64_t memory_bytes, int64_t block_bytes,
                   int64_t cache_bytes_per_block, int64_t reserve_bytes);
 

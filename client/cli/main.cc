@@ -18,7 +18,13 @@ ABSL_FLAG(std::string, model_id, "", "Model id announced in the DHT; defaults to
 ABSL_FLAG(std::string, initial_peers, "", "Comma-separated HOST:PORT DHT addresses of swarm members to join through");
 
 // pollen node.
-ABSL_FLAG(std::string, blocks, "", "Blocks to serve as START:END (END excluded), e.g. 0:16");
+ABSL_FLAG(std::string, blocks, "", "Blocks to serve as START:END (END excluded), e.g. 0:16; without it the node chooses where its blocks help the swarm most");
+ABSL_FLAG(int, num_blocks, 0, "Number of blocks the node chooses to serve when --blocks is absent; 0 means as many as fit in free memory");
+ABSL_FLAG(double, throughput, 0, "Decode steps/s through one block to announce instead of measuring; 0 measures at start (or reads --throughput-cache)");
+ABSL_FLAG(std::string, throughput_cache, "", "JSON file that keeps throughput measurements across starts; default ~/.cache/pollen/throughput.json");
+ABSL_FLAG(int, rebalance_period_s, 300, "Seconds between checks whether other blocks would serve the swarm better; 0 disables rebalancing");
+ABSL_FLAG(double, min_balance_gain, 1.25, "A rebalance moves only when the swarm's slowest block gets at least this many times faster");
+ABSL_FLAG(int, drain_timeout_s, 30, "Seconds sessions may go on after SIGTERM or a move before they are cancelled");
 ABSL_FLAG(int, port, 0, "TCP port of the node's gRPC server; 0 picks a free port");
 ABSL_FLAG(std::string, host, "0.0.0.0", "Address the node's gRPC server listens on");
 ABSL_FLAG(std::string, announce_host, "127.0.0.1", "Host name or IP that clients use to reach this node; announced in the DHT");
@@ -40,7 +46,7 @@ ABSL_FLAG(double, temperature, 0.0, "Sampling temperature; 0 means greedy");
 ABSL_FLAG(int, top_k, 0, "Sample among the K most likely tokens; 0 disables");
 ABSL_FLAG(double, top_p, 1.0, "Sample among the most likely tokens whose probabilities sum to P; 1 disables");
 ABSL_FLAG(double, repetition_penalty, 1.0, "Penalty for tokens already in the context; 1 disables");
-ABSL_FLAG(uint64_t, seed, 0, "Random seed for sampling");
+ABSL_FLAG(uint64_t, seed, 0, "Random seed for sampling. A node seeds its span choice and rebalancing with it, and draws a random seed when it is 0");
 ABSL_FLAG(int, max_length, 0, "chat: tokens the whole conversation may use; 0 means the model's maximum");
 ABSL_FLAG(int, discovery_wait_s, 30, "Seconds to wait for nodes covering every block");
 ABSL_FLAG(int, step_timeout_s, 60, "Seconds one step through one node may take");
@@ -60,7 +66,7 @@ Usage: pollen COMMAND [--flags]
 
 Commands:
   node         serve blocks of a model to the swarm
-                 pollen node --model DIR --blocks A:B --port P [--initial-peers HOST:PORT]
+                 pollen node --model DIR [--blocks A:B | --num-blocks N] --port P [--initial-peers HOST:PORT]
   generate     generate text through the swarm
                  pollen generate --model DIR --initial-peers HOST:PORT --prompt TEXT
   chat         one user turn per input line, in one session
@@ -106,12 +112,29 @@ int RunNode() {
   pollen::node::NodeOptions options;
   options.model_dir = absl::GetFlag(FLAGS_model);
   options.model_id = absl::GetFlag(FLAGS_model_id);
+
+  // Span: given, or chosen by the node.
   const std::string blocks = absl::GetFlag(FLAGS_blocks);
-  if (!ParseBlocks(blocks, &options.block_start, &options.block_end)) {
-    std::cerr << "error: --blocks must be START:END, e.g. 0:16; got '" << blocks
-              << "'\n";
+  if (!blocks.empty() &&
+      (!ParseBlocks(blocks, &options.block_start, &options.block_end) ||
+       options.block_start < 0 || options.block_start >= options.block_end)) {
+    std::cerr << "error: --blocks must be START:END with 0 <= START < END, "
+                 "e.g. 0:16; got '"
+              << blocks << "'\n";
     return 2;
   }
+  options.num_blocks = absl::GetFlag(FLAGS_num_blocks);
+  options.seed = absl::GetFlag(FLAGS_seed);
+
+  // Throughput and moves.
+  options.throughput = absl::GetFlag(FLAGS_throughput);
+  options.throughput_cache_path = absl::GetFlag(FLAGS_throughput_cache);
+  options.rebalance_period =
+      absl::Seconds(absl::GetFlag(FLAGS_rebalance_period_s));
+  options.min_balance_gain = absl::GetFlag(FLAGS_min_balance_gain);
+  options.drain_timeout = absl::Seconds(absl::GetFlag(FLAGS_drain_timeout_s));
+
+  // Network, identity and resources.
   options.listen_host = absl::GetFlag(FLAGS_host);
   options.port = absl::GetFlag(FLAGS_port);
   options.announce_host = absl::GetFlag(FLAGS_announce_host);

@@ -1,11 +1,14 @@
 // `pollen status`: what the swarm serves, block by block.
+#include <algorithm>
 #include <iostream>
 #include <map>
-#include <set>
+#include <string>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "client/cli/commands.h"
 #include "common/dht_registry.h"
 #include "scheduler/route.h"
@@ -29,6 +32,10 @@ std::string StateName(v1::NodeState state) {
 }
 
 nlohmann::json NodeToJson(const v1::NodeRecord& record, int64_t now_ms) {
+  nlohmann::json next_rtt_ms = nlohmann::json::object();
+  for (const auto& [node_id, rtt_ms] : record.next_rtt_ms()) {
+    next_rtt_ms[node_id] = rtt_ms;
+  }
   return {{"node_id", record.node_id()},
           {"name", record.public_name()},
           {"address", record.address()},
@@ -36,43 +43,100 @@ nlohmann::json NodeToJson(const v1::NodeRecord& record, int64_t now_ms) {
           {"state", StateName(record.state())},
           {"cache_tokens_left", record.cache_tokens_left()},
           {"throughput", record.throughput()},
+          {"prefill_throughput", record.prefill_throughput()},
+          {"device", record.device()},
+          {"dtype", record.dtype()},
+          {"next_rtt_ms", next_rtt_ms},
           {"version", record.version()},
           {"age_s", (now_ms - record.announced_ms()) / 1000.0}};
 }
 
-// Collects one model's view: its nodes and, per block, who serves it.
+// Keeps the newest record of each node: a node announces one span per
+// model, so an older record of another span is out of date.
+std::vector<v1::NodeRecord> NewestPerNode(std::vector<v1::NodeRecord> records) {
+  std::map<std::string, v1::NodeRecord> newest;
+  for (v1::NodeRecord& record : records) {
+    auto [it, inserted] = newest.try_emplace(record.node_id(), record);
+    if (!inserted && record.announced_ms() > it->second.announced_ms()) {
+      it->second = std::move(record);
+    }
+  }
+  std::vector<v1::NodeRecord> result;
+  for (auto& [node_id, record] : newest) result.push_back(std::move(record));
+  return result;
+}
+
+bool Covers(const v1::NodeRecord& record, int block) {
+  return static_cast<int>(record.blocks().start()) <= block &&
+         block < static_cast<int>(record.blocks().end());
+}
+
+// Collects one model's view: its nodes and, per block, who serves it and
+// their total decode throughput.
 nlohmann::json DescribeModel(DhtRegistry& registry, const std::string& model_id,
                              int num_blocks, int64_t now_ms) {
   nlohmann::json model = {{"model_id", model_id}, {"num_blocks", num_blocks}};
-  auto records = registry.FetchSpan(model_id, 0, num_blocks, kFetchTimeout);
-  if (!records.ok()) {
-    model["error"] = std::string(records.status().message());
+  auto fetched = registry.FetchSpan(model_id, 0, num_blocks, kFetchTimeout);
+  if (!fetched.ok()) {
+    model["error"] = std::string(fetched.status().message());
     return model;
   }
+  const std::vector<v1::NodeRecord> records = NewestPerNode(std::move(*fetched));
 
   nlohmann::json nodes = nlohmann::json::array();
   nlohmann::json blocks = nlohmann::json::array();
   std::vector<int> unserved;
-  for (const v1::NodeRecord& record : *records) {
+  for (const v1::NodeRecord& record : records) {
     nodes.push_back(NodeToJson(record, now_ms));
   }
   for (int block = 0; block < num_blocks; ++block) {
     nlohmann::json serving = nlohmann::json::array();
     bool online = false;
-    for (const v1::NodeRecord& record : *records) {
-      if (static_cast<int>(record.blocks().start()) <= block &&
-          block < static_cast<int>(record.blocks().end())) {
-        serving.push_back(record.node_id());
-        online = online || record.state() == v1::NODE_STATE_ONLINE;
+    double throughput = 0;
+    for (const v1::NodeRecord& record : records) {
+      if (!Covers(record, block)) continue;
+      serving.push_back(record.node_id());
+      if (record.state() == v1::NODE_STATE_ONLINE) {
+        online = true;
+        throughput += std::max(0.0, record.throughput());
       }
     }
     if (!online) unserved.push_back(block);
-    blocks.push_back({{"block", block}, {"nodes", serving}});
+    blocks.push_back(
+        {{"block", block}, {"nodes", serving}, {"throughput", throughput}});
   }
   model["nodes"] = nodes;
   model["blocks"] = blocks;
   model["unserved_blocks"] = unserved;
   return model;
+}
+
+// One line per node: "name address blocks a:b state ...".
+void PrintNode(const nlohmann::json& node,
+               const std::map<std::string, nlohmann::json>& nodes) {
+  std::cout << absl::StrFormat(
+      "    %s  %s  blocks %d:%d  %s  %d cache tokens left  %.1f steps/s, "
+      "%.1f prefill tokens/s  %s %s  %.0fs ago\n",
+      node["name"].get<std::string>(), node["address"].get<std::string>(),
+      node["blocks"][0].get<int>(), node["blocks"][1].get<int>(),
+      node["state"].get<std::string>(),
+      node["cache_tokens_left"].get<int64_t>(),
+      node["throughput"].get<double>(),
+      node["prefill_throughput"].get<double>(),
+      node["device"].get<std::string>(), node["dtype"].get<std::string>(),
+      node["age_s"].get<double>());
+  if (node["next_rtt_ms"].empty()) return;
+
+  // Name next-hop nodes when their records are known.
+  std::vector<std::string> hops;
+  for (const auto& [node_id, rtt_ms] : node["next_rtt_ms"].items()) {
+    auto known = nodes.find(node_id);
+    const std::string name = known != nodes.end()
+                                 ? known->second["name"].get<std::string>()
+                                 : node_id.substr(0, 8);
+    hops.push_back(absl::StrFormat("%s %.1f ms", name, rtt_ms.get<double>()));
+  }
+  std::cout << "      next hops: " << absl::StrJoin(hops, ", ") << "\n";
 }
 
 void PrintModel(const nlohmann::json& model) {
@@ -86,21 +150,19 @@ void PrintModel(const nlohmann::json& model) {
   for (const auto& node : model["nodes"]) {
     nodes[node["node_id"].get<std::string>()] = node;
   }
+  const auto unserved = model["unserved_blocks"].get<std::vector<int>>();
   for (const auto& block : model["blocks"]) {
-    std::cout << "  block " << block["block"].get<int>() << ":";
-    if (block["nodes"].empty()) std::cout << " not served";
-    std::cout << "\n";
+    const int index = block["block"].get<int>();
+    if (std::find(unserved.begin(), unserved.end(), index) != unserved.end()) {
+      std::cout << "  block " << index << " not served\n";
+    } else {
+      std::cout << absl::StrFormat("  block %d: %.1f steps/s\n", index,
+                                   block["throughput"].get<double>());
+    }
     for (const auto& node_id : block["nodes"]) {
-      const nlohmann::json& node = nodes[node_id.get<std::string>()];
-      std::cout << absl::StrFormat(
-          "    %s  %s  blocks %d:%d  %s  %d cache tokens left  %.0fs ago\n",
-          node["name"].get<std::string>(), node["address"].get<std::string>(),
-          node["blocks"][0].get<int>(), node["blocks"][1].get<int>(),
-          node["state"].get<std::string>(),
-          node["cache_tokens_left"].get<int64_t>(), node["age_s"].get<double>());
+      PrintNode(nodes[node_id.get<std::string>()], nodes);
     }
   }
-  const auto unserved = model["unserved_blocks"].get<std::vector<int>>();
   if (!unserved.empty()) {
     std::cout << "  not served: blocks " << scheduler::FormatBlockList(unserved)
               << "\n";

@@ -22,20 +22,21 @@ std::string EscapeXml(absl::string_view text) {
 
 std::string FormatSummaryTable(const std::vector<SimulationResult>& results) {
   std::string table = absl::StrFormat(
-      "%-7s %9s %9s %10s %10s %8s %9s %9s %9s %9s %7s %9s\n", "policy",
-      "coverage", "min cov.", "min tput", "bound", "balance", "lowest",
+      "%-7s %9s %9s %5s %10s %10s %8s %9s %9s %9s %9s %7s %9s\n", "policy",
+      "coverage", "min cov.", "gaps", "min tput", "bound", "balance", "lowest",
       "route ms", "best ms", "fewest ms", "moves", "moves/n-h");
   for (const SimulationResult& result : results) {
     const SimulationSummary& s = result.summary;
     absl::StrAppend(
         &table,
         absl::StrFormat(
-            "%-7s %9.4f %9.4f %10.1f %10.1f %8.3f %9.3f %9.1f %9.1f %9.1f "
-            "%7d %9.3f\n",
+            "%-7s %9.4f %9.4f %5d %10.1f %10.1f %8.3f %9.3f %9.1f %9.1f "
+            "%9.1f %7d %9.3f\n",
             PolicyName(result.policy), s.mean_coverage, s.min_coverage,
-            s.mean_min_throughput, s.mean_upper_bound, s.mean_balance,
-            s.lowest_balance, s.mean_route_ms, s.mean_optimal_ms,
-            s.mean_fewest_hops_ms, s.moves, s.moves_per_node_hour));
+            s.gap_minutes, s.mean_min_throughput, s.mean_upper_bound,
+            s.mean_balance, s.lowest_balance, s.mean_route_ms,
+            s.mean_optimal_ms, s.mean_fewest_hops_ms, s.moves,
+            s.moves_per_node_hour));
   }
   return table;
 }
@@ -48,15 +49,14 @@ std::string FormatTicksCsv(const std::vector<SimulationResult>& results) {
   for (const SimulationResult& result : results) {
     for (const TickStats& tick : result.ticks) {
       absl::StrAppend(
-          &csv,
-          absl::StrFormat("%s,%d,%d,%d,%.6f,%.4f,%.4f,%.6f,%d,%d,%.3f,%.3f,"
-                          "%.3f,%d\n",
-                          PolicyName(result.policy), tick.minute,
-                          tick.nodes_present, tick.nodes_serving,
-                          tick.coverage, tick.min_throughput, tick.upper_bound,
-                          Balance(tick), tick.moves, tick.routed ? 1 : 0,
-                          tick.route_ms, tick.optimal_ms, tick.fewest_hops_ms,
-                          tick.route_hops));
+          &csv, absl::StrFormat(
+                    "%s,%d,%d,%d,%.6f,%.4f,%.4f,%.6f,%d,%d,%.3f,%.3f,"
+                    "%.3f,%d\n",
+                    PolicyName(result.policy), tick.minute, tick.nodes_present,
+                    tick.nodes_serving, tick.coverage, tick.min_throughput,
+                    tick.upper_bound, Balance(tick), tick.moves,
+                    tick.routed ? 1 : 0, tick.route_ms, tick.optimal_ms,
+                    tick.fewest_hops_ms, tick.route_hops));
     }
   }
   return csv;
@@ -100,12 +100,11 @@ std::string RenderBalanceSvg(const std::vector<SimulationResult>& results,
     const double balance = i / 4.0;
     absl::StrAppend(
         &svg,
-        absl::StrFormat(
-            "<line x1=\"%d\" y1=\"%.1f\" x2=\"%d\" y2=\"%.1f\" "
-            "stroke=\"#dddddd\"/>\n<text x=\"%d\" y=\"%.1f\" "
-            "text-anchor=\"end\">%.2f</text>\n",
-            kLeft, y_of(balance), kLeft + kPlotWidth, y_of(balance), kLeft - 6,
-            y_of(balance) + 4, balance));
+        absl::StrFormat("<line x1=\"%d\" y1=\"%.1f\" x2=\"%d\" y2=\"%.1f\" "
+                        "stroke=\"#dddddd\"/>\n<text x=\"%d\" y=\"%.1f\" "
+                        "text-anchor=\"end\">%.2f</text>\n",
+                        kLeft, y_of(balance), kLeft + kPlotWidth, y_of(balance),
+                        kLeft - 6, y_of(balance) + 4, balance));
   }
 
   // Hour ticks, at most about twelve.
@@ -118,13 +117,13 @@ std::string RenderBalanceSvg(const std::vector<SimulationResult>& results,
   if (hours < 1) step = 0.25;
   for (double hour = 0; hour <= hours + 1e-9; hour += step) {
     absl::StrAppend(
-        &svg, absl::StrFormat(
-                  "<line x1=\"%.1f\" y1=\"%d\" x2=\"%.1f\" y2=\"%d\" "
-                  "stroke=\"#888888\"/>\n<text x=\"%.1f\" y=\"%d\" "
-                  "text-anchor=\"middle\">%g</text>\n",
-                  x_of(hour * 60), kTop + kPlotHeight, x_of(hour * 60),
-                  kTop + kPlotHeight + 5, x_of(hour * 60),
-                  kTop + kPlotHeight + 20, hour));
+        &svg,
+        absl::StrFormat("<line x1=\"%.1f\" y1=\"%d\" x2=\"%.1f\" y2=\"%d\" "
+                        "stroke=\"#888888\"/>\n<text x=\"%.1f\" y=\"%d\" "
+                        "text-anchor=\"middle\">%g</text>\n",
+                        x_of(hour * 60), kTop + kPlotHeight, x_of(hour * 60),
+                        kTop + kPlotHeight + 5, x_of(hour * 60),
+                        kTop + kPlotHeight + 20, hour));
   }
   absl::StrAppend(
       &svg,
@@ -140,11 +139,21 @@ std::string RenderBalanceSvg(const std::vector<SimulationResult>& results,
   // One polyline and legend entry per result.
   for (size_t r = 0; r < results.size(); ++r) {
     const char* color = kColors[r % std::size(kColors)];
+    // Points inside a flat run add nothing to the line, so they are left
+    // out to keep the file small.
+    const std::vector<TickStats>& ticks = results[r].ticks;
+    std::vector<std::string> ys;
+    for (const TickStats& tick : ticks) {
+      ys.push_back(absl::StrFormat("%.1f", y_of(Balance(tick))));
+    }
     std::string points;
-    for (const TickStats& tick : results[r].ticks) {
-      absl::StrAppend(&points, absl::StrFormat("%.1f,%.1f ",
-                                               x_of(tick.minute + 1),
-                                               y_of(Balance(tick))));
+    for (size_t i = 0; i < ticks.size(); ++i) {
+      const bool flat = i > 0 && i + 1 < ticks.size() && ys[i] == ys[i - 1] &&
+                        ys[i] == ys[i + 1];
+      if (flat) continue;
+      absl::StrAppend(
+          &points,
+          absl::StrFormat("%.1f,%s ", x_of(ticks[i].minute + 1), ys[i]));
     }
     const int legend_y = kTop + 10 + 20 * static_cast<int>(r);
     absl::StrAppend(

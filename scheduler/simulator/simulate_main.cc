@@ -15,7 +15,9 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
 #include "absl/status/status.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "nlohmann/json.hpp"
 #include "scheduler/simulator/report.h"
@@ -34,8 +36,7 @@ ABSL_FLAG(bool, json, false,
           "Print the options and summaries as JSON instead of a table");
 ABSL_FLAG(std::string, svg, "",
           "File to write a chart of min block throughput / upper bound to");
-ABSL_FLAG(int, warmup_minutes, 30,
-          "Minutes over which the initial nodes join");
+ABSL_FLAG(int, warmup_minutes, 30, "Minutes over which the initial nodes join");
 ABSL_FLAG(int, settle_minutes, 60,
           "Minutes left out of the summaries' averages");
 ABSL_FLAG(double, check_period_minutes, 5,
@@ -48,8 +49,8 @@ ABSL_FLAG(double, min_gain, 1.2,
           "Pollen: factor by which a move must raise the minimum block "
           "throughput");
 ABSL_FLAG(double, join_jitter, 0.05,
-          "Pollen: relative score margin within which a joining node picks "
-          "its start at random");
+          "Pollen: top fraction of the range of start scores within which a "
+          "joining node picks its start at random (ChooseSpanStart jitter)");
 ABSL_FLAG(double, balance_quality, 0.75, "Petals: balance_quality");
 ABSL_FLAG(int, route_period_minutes, 10, "Minutes between route measurements");
 ABSL_FLAG(double, rtt_noise, 0.2,
@@ -57,7 +58,8 @@ ABSL_FLAG(double, rtt_noise, 0.2,
 ABSL_FLAG(int, announced_next_rtts, 8,
           "RTTs each node announces to nodes serving the block after its span");
 ABSL_FLAG(int, client_region, 0,
-          "Client's region: 0 na-east, 1 na-west, 2 europe, 3 asia");
+          "Client's region: 0 na-east, 1 na-central, 2 na-west, 3 europe, "
+          "4 asia");
 
 namespace pollen::scheduler {
 namespace {
@@ -113,8 +115,8 @@ absl::StatusOr<std::vector<PlacementPolicy>> PoliciesFromFlag() {
   }
   absl::StatusOr<PlacementPolicy> policy = ParsePolicy(name);
   if (!policy.ok()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--policy is '", name, "'; expected pollen, petals or both"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--policy is '", name, "'; expected pollen, petals or both"));
   }
   return std::vector<PlacementPolicy>{*policy};
 }
@@ -127,9 +129,8 @@ absl::StatusOr<std::vector<SimulationResult>> RunPolicies(
       policies.size(), absl::UnknownError("not run"));
   std::vector<std::thread> threads;
   for (size_t i = 0; i < policies.size(); ++i) {
-    threads.emplace_back([&, i] {
-      outcomes[i] = RunSimulation(options, policies[i]);
-    });
+    threads.emplace_back(
+        [&, i] { outcomes[i] = RunSimulation(options, policies[i]); });
   }
   for (std::thread& thread : threads) thread.join();
 
@@ -145,6 +146,7 @@ nlohmann::json SummaryJson(const SimulationSummary& s) {
   return {
       {"mean_coverage", s.mean_coverage},
       {"min_coverage", s.min_coverage},
+      {"gap_minutes", s.gap_minutes},
       {"first_full_coverage_minute", s.first_full_coverage_minute},
       {"mean_min_throughput", s.mean_min_throughput},
       {"mean_upper_bound", s.mean_upper_bound},
@@ -205,9 +207,9 @@ absl::Status Run() {
   absl::StatusOr<std::vector<SimulationResult>> results =
       RunPolicies(*options, *policies);
   if (!results.ok()) return results.status();
-  const double seconds = std::chrono::duration<double>(
-                             std::chrono::steady_clock::now() - started)
-                             .count();
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - started)
+          .count();
 
   if (absl::GetFlag(FLAGS_json)) {
     nlohmann::json json = {{"options", OptionsJson(*options)},
@@ -234,10 +236,9 @@ absl::Status Run() {
     }
   }
   if (const std::string path = absl::GetFlag(FLAGS_svg); !path.empty()) {
-    const std::string title =
-        absl::StrCat(options->model.name, ", ", options->nodes, " nodes, churn ",
-                     options->churn_per_hour * 100, "%/h, seed ",
-                     options->seed);
+    const std::string title = absl::StrCat(
+        options->model.name, ", ", options->nodes, " nodes, churn ",
+        options->churn_per_hour * 100, "%/h, seed ", options->seed);
     if (absl::Status status =
             WriteFile(path, RenderBalanceSvg(*results, title));
         !status.ok()) {
@@ -251,6 +252,14 @@ absl::Status Run() {
 }  // namespace pollen::scheduler
 
 int main(int argc, char** argv) {
+  // --help lists the flags of files named after the binary, which this file
+  // is not.
+  absl::FlagsUsageConfig usage_config;
+  usage_config.contains_help_flags = [](absl::string_view file) {
+    return absl::StrContains(file, "simulate_main.");
+  };
+  usage_config.contains_helpshort_flags = usage_config.contains_help_flags;
+  absl::SetFlagsUsageConfig(usage_config);
   absl::SetProgramUsageMessage(
       "Simulates block placement and routing over a synthetic swarm.\n"
       "Usage: pollen-simulate [--model llama2-70b|llama3.1-405b] [--nodes N] "

@@ -28,10 +28,11 @@ constexpr uint64_t kMeasureSeedSalt = 0xc2b2ae3d27d4eb4fULL;
 absl::Status CheckOptions(const SimulationOptions& options) {
   const auto invalid = [](absl::string_view name, double value,
                           absl::string_view limit) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("simulation option ", name, " is ", value, "; it must be ",
-                     limit));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "simulation option ", name, " is ", value, "; it must be ", limit));
   };
+
+  // The model.
   if (options.model.num_blocks <= 0) {
     return invalid("model.num_blocks", options.model.num_blocks, "positive");
   }
@@ -39,9 +40,11 @@ absl::Status CheckOptions(const SimulationOptions& options) {
     return invalid("model.block_bytes", options.model.block_bytes, "positive");
   }
   if (options.model.kv_bytes_per_token < 0) {
-    return invalid("model.kv_bytes_per_token",
-                   options.model.kv_bytes_per_token, "0 or more");
+    return invalid("model.kv_bytes_per_token", options.model.kv_bytes_per_token,
+                   "0 or more");
   }
+
+  // The swarm and its churn.
   if (options.nodes < 1 || options.nodes > 100000) {
     return invalid("nodes", options.nodes, "in [1, 100000]");
   }
@@ -57,6 +60,8 @@ absl::Status CheckOptions(const SimulationOptions& options) {
   if (options.settle_minutes < 0) {
     return invalid("settle_minutes", options.settle_minutes, "0 or more");
   }
+
+  // Timing of placement decisions.
   if (!(options.check_period_minutes > 0)) {
     return invalid("check_period_minutes", options.check_period_minutes,
                    "positive");
@@ -67,6 +72,8 @@ absl::Status CheckOptions(const SimulationOptions& options) {
   if (!(options.load_gb_per_s > 0)) {
     return invalid("load_gb_per_s", options.load_gb_per_s, "positive");
   }
+
+  // Policy parameters.
   if (!(options.pollen_min_gain > 0)) {
     return invalid("pollen_min_gain", options.pollen_min_gain, "positive");
   }
@@ -78,6 +85,8 @@ absl::Status CheckOptions(const SimulationOptions& options) {
     return invalid("petals_balance_quality", options.petals_balance_quality,
                    "positive");
   }
+
+  // Route measurements.
   if (options.route_period_minutes < 1) {
     return invalid("route_period_minutes", options.route_period_minutes,
                    "1 or more");
@@ -161,7 +170,7 @@ class SwarmRun {
   const int num_blocks_;
 
   std::vector<NodeState> states_;
-  std::vector<int> present_;  // node indices, unordered
+  std::vector<int> present_;                // node indices, unordered
   std::deque<Announcement> announcements_;  // by time
   int moves_this_minute_ = 0;
 
@@ -212,7 +221,8 @@ void SwarmRun::ApplyLeaves(int minute) {
 std::vector<Decision> SwarmRun::CollectDecisions(int minute) {
   std::vector<Decision> decisions;
   for (int node : timeline_.joins_by_minute[minute]) {
-    decisions.push_back(Decision{timeline_.nodes[node].join_minute, node, true});
+    decisions.push_back(
+        Decision{timeline_.nodes[node].join_minute, node, true});
   }
   for (int node : present_) {
     NodeState& state = states_[node];
@@ -265,8 +275,8 @@ void SwarmRun::RefreshView() {
 }
 
 double SwarmRun::LoadMinutes(int new_blocks) const {
-  const double seconds = new_blocks * (options_.model.block_bytes / 1e9) /
-                         options_.load_gb_per_s;
+  const double seconds =
+      new_blocks * (options_.model.block_bytes / 1e9) / options_.load_gb_per_s;
   return seconds / 60;
 }
 
@@ -285,9 +295,9 @@ void SwarmRun::Join(const Decision& decision) {
   state.serving_from = decision.minute + LoadMinutes(profile.length);
   state.next_check = decision.minute + profile.check_phase_minutes;
   present_.push_back(decision.node);
-  announcements_.push_back(Announcement{
-      decision.minute + options_.announce_delay_s / 60, decision.node,
-      state.start});
+  announcements_.push_back(
+      Announcement{decision.minute + options_.announce_delay_s / 60,
+                   decision.node, state.start});
 }
 
 void SwarmRun::Check(const Decision& decision) {
@@ -318,9 +328,9 @@ void SwarmRun::Check(const Decision& decision) {
                       std::max(state.start, move.new_start));
   state.start = move.new_start;
   state.serving_from = decision.minute + LoadMinutes(profile.length - overlap);
-  announcements_.push_back(Announcement{
-      decision.minute + options_.announce_delay_s / 60, decision.node,
-      state.start});
+  announcements_.push_back(
+      Announcement{decision.minute + options_.announce_delay_s / 60,
+                   decision.node, state.start});
   ++moves_this_minute_;
 }
 
@@ -421,9 +431,8 @@ void SwarmRun::MeasureRoute(const std::vector<int>& serving, TickStats& stats) {
   const auto true_latency = [&](const std::vector<RouteHop>& route) {
     std::vector<RouteHop> priced;
     for (const RouteHop& hop : route) {
-      priced.push_back(
-          RouteHop{truth[index_by_id.at(hop.server.node_id)], hop.start,
-                   hop.end});
+      priced.push_back(RouteHop{truth[index_by_id.at(hop.server.node_id)],
+                                hop.start, hop.end});
     }
     return RouteLatencyMs(priced, true_model);
   };
@@ -466,6 +475,7 @@ SimulationSummary Summarize(const SimulationOptions& options,
     ++counted;
     summary.mean_coverage += tick.coverage;
     summary.min_coverage = std::min(summary.min_coverage, tick.coverage);
+    if (tick.coverage < 1) ++summary.gap_minutes;
     summary.mean_min_throughput += tick.min_throughput;
     summary.mean_upper_bound += tick.upper_bound;
     const double balance =

@@ -2,14 +2,14 @@
 // a synthetic, churning swarm, with no networking.
 //
 // Time advances in one-minute ticks. Nodes with heterogeneous memory,
-// throughput and location join and leave; each picks its blocks with the
-// policy under test when it joins and re-checks its placement periodically
+// throughput and location join and leave. Each picks its blocks with the
+// policy under test when it joins, and re-checks its placement periodically
 // with that policy's move rule. A node that picks new blocks serves nothing
 // until it has loaded them. Every tick records block coverage, the minimum
-// block throughput against the even-spread upper bound, and moves; every few
+// block throughput against the even-spread upper bound, and moves. Every few
 // ticks a client routes through the swarm with FindFastestRoute using noisy
-// RTT measurements, and the route's true latency is compared with the
-// optimum.
+// RTT measurements, and the simulator compares the route's true latency
+// with the optimum.
 //
 // Both policies see the same nodes, join and leave times and check times for
 // a given seed, so their results differ only by their decisions.
@@ -84,8 +84,8 @@ struct SimulationOptions {
   double rtt_noise = 0.2;
   // RTTs a node announces to nodes serving the block after its span.
   int announced_next_rtts = 8;
-  // Region of the client: 0 North America east, 1 North America west,
-  // 2 Europe, 3 Asia.
+  // Region of the client: 0 North America east, 1 North America central,
+  // 2 North America west, 3 Europe, 4 Asia.
   int client_region = 0;
   // KV cache tokens each node holds, and the tokens a session reserves.
   int64_t cache_tokens = 16384;
@@ -118,6 +118,8 @@ struct TickStats {
 struct SimulationSummary {
   double mean_coverage = 0;
   double min_coverage = 0;
+  // Minutes in which some block had no serving node.
+  int gap_minutes = 0;
   // First minute with every block served, or -1.
   int first_full_coverage_minute = -1;
   double mean_min_throughput = 0;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <iterator>
 
 #include "absl/strings/str_format.h"
 #include "scheduler/placement.h"
@@ -34,15 +35,14 @@ constexpr DeviceClass kDeviceClasses[] = {
 // memory bandwidth (an assumption).
 constexpr double kBandwidthEfficiency = 0.5;
 
-constexpr double kRegionShares[kNumRegions] = {0.35, 0.20, 0.30, 0.15};
+constexpr double kRegionShares[kNumRegions] = {0.25, 0.10, 0.20, 0.30, 0.15};
 
-// Base RTT between regions in milliseconds. Within a region the base is 0,
-// and the two last miles (0.5 to 5 ms each) make intra-region RTTs 1-10 ms.
+// Base RTT between regions in milliseconds, typical of public cloud regions
+// (an assumption). Within a region the base is 0, and the two last miles
+// (0.5 to 5 ms each) make intra-region RTTs 1-10 ms.
 constexpr double kRegionRttMs[kNumRegions][kNumRegions] = {
-    {0, 60, 80, 150},
-    {60, 0, 140, 110},
-    {80, 140, 0, 150},
-    {150, 110, 150, 0},
+    {0, 25, 60, 80, 150},   {25, 0, 40, 100, 130},   {60, 40, 0, 140, 110},
+    {80, 100, 140, 0, 150}, {150, 130, 110, 150, 0},
 };
 
 constexpr double kClientLastMileMs = 2;
@@ -122,8 +122,8 @@ size_t SimulationRandom::Index(size_t size) {
 }
 
 std::string RegionName(int region) {
-  static const char* const kNames[kNumRegions] = {"na-east", "na-west",
-                                                  "europe", "asia"};
+  static const char* const kNames[kNumRegions] = {"na-east", "na-central",
+                                                  "na-west", "europe", "asia"};
   return region >= 0 && region < kNumRegions ? kNames[region] : "unknown";
 }
 
@@ -137,8 +137,8 @@ SwarmTimeline BuildSwarmTimeline(const SimulationOptions& options) {
   // Initial nodes, joining during the warm-up. Nodes whose memory fits no
   // block never join and are not counted.
   const auto add_node = [&](double join_minute) {
-    NodeProfile node = DrawNode(options, static_cast<int>(timeline.nodes.size()),
-                                join_minute, random);
+    NodeProfile node = DrawNode(
+        options, static_cast<int>(timeline.nodes.size()), join_minute, random);
     if (node.length <= 0) return;
     const int minute = static_cast<int>(join_minute);
     if (minute >= minutes) return;

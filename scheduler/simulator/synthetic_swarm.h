@@ -31,7 +31,7 @@ class SimulationRandom {
   std::mt19937_64 engine_;
 };
 
-inline constexpr int kNumRegions = 4;
+inline constexpr int kNumRegions = 5;
 
 // Returns a short name for `region`, e.g. "europe".
 std::string RegionName(int region);
@@ -39,13 +39,13 @@ std::string RegionName(int region);
 // One node of the synthetic swarm.
 struct NodeProfile {
   std::string node_id;
-  std::string device;      // device class name
-  double throughput = 0;   // decode steps per second through one block
-  int length = 0;          // blocks it serves: what fits, at most all
+  std::string device;     // device class name
+  double throughput = 0;  // decode steps per second through one block
+  int length = 0;         // blocks it serves: what fits, at most all
   int region = 0;
-  double last_mile_ms = 0; // added to every RTT to or from the node
+  double last_mile_ms = 0;  // added to every RTT to or from the node
   double join_minute = 0;
-  int leave_minute = -1;   // -1 when it stays to the end
+  int leave_minute = -1;  // -1 when it stays to the end
   // Minutes after joining of its first placement check.
   double check_phase_minutes = 0;
 };

@@ -3,7 +3,6 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
-#include <chrono>
 #include <limits>
 #include <map>
 #include <random>
@@ -58,8 +57,8 @@ double BruteForceLatency(const std::vector<ServerSpan>& spans, int start,
     for (int hop_end = start + 1; hop_end <= std::min(span.end, end);
          ++hop_end) {
       prefix.push_back(RouteHop{span, start, hop_end});
-      best = std::min(best,
-                      BruteForceLatency(spans, hop_end, end, model, prefix));
+      best =
+          std::min(best, BruteForceLatency(spans, hop_end, end, model, prefix));
       prefix.pop_back();
     }
   }
@@ -169,8 +168,7 @@ TEST(FastestRoute, AvoidsLowCacheNode) {
 TEST(FastestRoute, SkipsNodeWithoutEnoughCache) {
   LatencyModel model;
   model.tokens_needed = 100;
-  auto route =
-      FindFastestRoute({Span("full", 0, 3, 1000, 99)}, 0, 3, model);
+  auto route = FindFastestRoute({Span("full", 0, 3, 1000, 99)}, 0, 3, model);
   EXPECT_EQ(route.status().code(), absl::StatusCode::kNotFound);
 }
 
@@ -179,8 +177,8 @@ TEST(FastestRoute, RespectsExcludedNodes) {
   model.client_rtt_ms = {{"a", 1}, {"b", 100}};
   RouteOptions options;
   options.excluded_nodes = {"a"};
-  auto route = FindFastestRoute({Span("a", 0, 3), Span("b", 0, 3)}, 0, 3,
-                                model, options);
+  auto route = FindFastestRoute({Span("a", 0, 3), Span("b", 0, 3)}, 0, 3, model,
+                                options);
   ASSERT_TRUE(route.ok()) << route.status();
   EXPECT_EQ(NodeIds(*route), (std::vector<std::string>{"b"}));
 }
@@ -205,6 +203,31 @@ TEST(FastestRoute, RejectsNonPositiveDefaultThroughput) {
   model.default_throughput = 0;
   auto route = FindFastestRoute({Span("a", 0, 3)}, 0, 3, model);
   EXPECT_EQ(route.status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(FastestRoute, RejectsInvalidDefaultRtt) {
+  LatencyModel model;
+  model.default_rtt_ms = std::numeric_limits<double>::quiet_NaN();
+  auto route = FindFastestRoute({Span("a", 0, 3)}, 0, 3, model);
+  EXPECT_EQ(route.status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(FastestRoute, InvalidRttsCountAsUnknown) {
+  // A NaN client RTT falls back to default_rtt_ms and a negative announced
+  // RTT is ignored, in the search and in RouteLatencyMs alike.
+  ServerSpan a = Span("a", 0, 2);
+  a.next_rtt_ms["b"] = -5;
+  LatencyModel model;
+  model.default_rtt_ms = 40;
+  model.client_rtt_ms = {{"a", std::numeric_limits<double>::quiet_NaN()},
+                         {"b", 10},
+                         {"c", std::numeric_limits<double>::infinity()}};
+  const std::vector<ServerSpan> spans = {a, Span("b", 2, 4), Span("c", 2, 4)};
+  auto route = FindFastestRoute(spans, 0, 4, model);
+  ASSERT_TRUE(route.ok()) << route.status();
+  EXPECT_EQ(NodeIds(*route), (std::vector<std::string>{"a", "b"}));
+  // a: 40 + 2 ms compute, b: 10 + 2 ms compute.
+  EXPECT_DOUBLE_EQ(RouteLatencyMs(*route, model), 54);
 }
 
 TEST(FastestRoute, RoutesSubRange) {
@@ -235,7 +258,8 @@ TEST(FastestRoute, MatchesBruteForce) {
       ServerSpan span = Span(absl::StrCat("n", i), start, end,
                              uniform(0, 1) < 0.2 ? 0 : uniform(5, 200),
                              static_cast<int64_t>(uniform(5, 40)));
-      if (uniform(0, 1) < 0.8) model.client_rtt_ms[span.node_id] = uniform(1, 150);
+      if (uniform(0, 1) < 0.8)
+        model.client_rtt_ms[span.node_id] = uniform(1, 150);
       spans.push_back(span);
     }
     for (ServerSpan& span : spans) {
@@ -282,13 +306,7 @@ TEST(FastestRoute, LargeSwarmBeatsFewestHops) {
     }
   }
 
-  const auto started = std::chrono::steady_clock::now();
   auto fastest = FindFastestRoute(spans, 0, kBlocks, model);
-  const double seconds = std::chrono::duration<double>(
-                             std::chrono::steady_clock::now() - started)
-                             .count();
-  ::testing::Test::RecordProperty("search_ms",
-                                  static_cast<int>(seconds * 1000));
   ASSERT_TRUE(fastest.ok()) << fastest.status();
   ExpectCovers(*fastest, 0, kBlocks);
 
@@ -299,7 +317,8 @@ TEST(FastestRoute, LargeSwarmBeatsFewestHops) {
 
 TEST(SampledRoute, SameSeedSameRoute) {
   const std::vector<ServerSpan> spans = {Span("a", 0, 3, 5), Span("b", 0, 6, 3),
-                                         Span("c", 3, 6, 2), Span("d", 2, 6, 7)};
+                                         Span("c", 3, 6, 2),
+                                         Span("d", 2, 6, 7)};
   for (uint64_t seed = 0; seed < 20; ++seed) {
     std::mt19937_64 first(seed);
     std::mt19937_64 second(seed);
@@ -313,7 +332,8 @@ TEST(SampledRoute, SameSeedSameRoute) {
 }
 
 TEST(SampledRoute, ProportionalToThroughput) {
-  const std::vector<ServerSpan> spans = {Span("a", 0, 4, 3), Span("b", 0, 4, 1)};
+  const std::vector<ServerSpan> spans = {Span("a", 0, 4, 3),
+                                         Span("b", 0, 4, 1)};
   std::mt19937_64 rng(1);
   constexpr int kDraws = 20000;
   int chose_a = 0;
@@ -328,7 +348,8 @@ TEST(SampledRoute, ProportionalToThroughput) {
 
 TEST(SampledRoute, QueuedRequestsLowerWeight) {
   // a: 3 / (1 + 2) = 1, b: 1 / (1 + 0) = 1.
-  const std::vector<ServerSpan> spans = {Span("a", 0, 4, 3), Span("b", 0, 4, 1)};
+  const std::vector<ServerSpan> spans = {Span("a", 0, 4, 3),
+                                         Span("b", 0, 4, 1)};
   const std::map<std::string, int> queued = {{"a", 2}};
   std::mt19937_64 rng(2);
   constexpr int kDraws = 20000;
@@ -358,8 +379,8 @@ TEST(SampledRoute, UnknownThroughputCountsAsWeakest) {
 
 TEST(SampledRoute, HopRunsToSpanEnd) {
   std::mt19937_64 rng(4);
-  auto route = SampleThroughputRoute({Span("a", 0, 5), Span("b", 5, 9)}, 1, 7,
-                                     {}, rng);
+  auto route =
+      SampleThroughputRoute({Span("a", 0, 5), Span("b", 5, 9)}, 1, 7, {}, rng);
   ASSERT_TRUE(route.ok()) << route.status();
   ASSERT_EQ(route->size(), 2u);
   EXPECT_EQ((*route)[0].start, 1);

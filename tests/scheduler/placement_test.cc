@@ -107,8 +107,8 @@ TEST(ChooseSpanStart, MatchesBruteForceWithoutJitter) {
 std::vector<ServerSpan> PerBlockSwarm(const std::vector<double>& throughputs) {
   std::vector<ServerSpan> spans;
   for (size_t block = 0; block < throughputs.size(); ++block) {
-    spans.push_back(Span(absl::StrCat("b", block), block, block + 1,
-                         throughputs[block]));
+    spans.push_back(
+        Span(absl::StrCat("b", block), block, block + 1, throughputs[block]));
   }
   return spans;
 }
@@ -146,7 +146,8 @@ TEST(ChooseSpanStart, JitterSpreadsChoices) {
 TEST(ChooseSpanStart, EmptySwarmStartsAnywhere) {
   std::mt19937_64 rng(4);
   std::set<int> starts;
-  for (int i = 0; i < 200; ++i) starts.insert(ChooseSpanStart({}, 10, 3, 1, rng));
+  for (int i = 0; i < 200; ++i)
+    starts.insert(ChooseSpanStart({}, 10, 3, 1, rng));
   EXPECT_EQ(starts.size(), 8u);
 }
 
@@ -156,6 +157,19 @@ TEST(ChooseSpanStart, ClampsLength) {
   const int start = ChooseSpanStart({Span("a", 0, 4, 1)}, 5, 0, 1, rng);
   EXPECT_EQ(start, 4);
   EXPECT_EQ(ChooseSpanStart({}, 0, 3, 1, rng), 0);
+}
+
+TEST(ChooseSpanStart, NonFiniteThroughputsCountAsZero) {
+  std::mt19937_64 rng(7);
+  const std::vector<ServerSpan> others = {
+      Span("inf", 0, 3, std::numeric_limits<double>::infinity()),
+      Span("nan", 3, 6, std::numeric_limits<double>::quiet_NaN()),
+      Span("a", 0, 6, 1)};
+  EXPECT_EQ(BlockThroughputs(others, 6), std::vector<double>(6, 1));
+  const int start = ChooseSpanStart(
+      others, 6, 2, std::numeric_limits<double>::quiet_NaN(), rng);
+  EXPECT_GE(start, 0);
+  EXPECT_LE(start, 4);
 }
 
 TEST(ChooseSpanStart, SameSeedSameStart) {
@@ -233,7 +247,8 @@ TEST(DecideMove, ThroughputsVariantAgrees) {
         BlockThroughputs(spans, 12), spans[0].start, spans[0].end,
         spans[0].throughput, 1.1, second);
     EXPECT_EQ(by_spans.move, by_throughputs.move) << "trial " << trial;
-    EXPECT_EQ(by_spans.new_start, by_throughputs.new_start) << "trial " << trial;
+    EXPECT_EQ(by_spans.new_start, by_throughputs.new_start)
+        << "trial " << trial;
   }
 }
 
@@ -284,8 +299,8 @@ TEST(PetalsDecideMove, MovesWhenSwarmCanBeMuchStronger) {
   // makes the minimum 10, far beyond 1 / 0.75.
   std::mt19937_64 rng(2);
   const MoveDecision decision = PetalsDecideMove(
-      {Span("self", 0, 2, 10), Span("a", 0, 2, 10), Span("b", 2, 4, 1)},
-      "self", 4, kPetalsBalanceQuality, rng);
+      {Span("self", 0, 2, 10), Span("a", 0, 2, 10), Span("b", 2, 4, 1)}, "self",
+      4, kPetalsBalanceQuality, rng);
   EXPECT_TRUE(decision.move);
   EXPECT_EQ(decision.new_start, 2);
   EXPECT_DOUBLE_EQ(decision.current_min, 1);
@@ -294,17 +309,16 @@ TEST(PetalsDecideMove, MovesWhenSwarmCanBeMuchStronger) {
 
 TEST(PetalsDecideMove, StaysWhenItWouldDisconnect) {
   std::mt19937_64 rng(3);
-  const MoveDecision decision = PetalsDecideMove(
-      {Span("self", 0, 2, 10), Span("b", 2, 4, 1)}, "self", 4,
-      kPetalsBalanceQuality, rng);
+  const MoveDecision decision =
+      PetalsDecideMove({Span("self", 0, 2, 10), Span("b", 2, 4, 1)}, "self", 4,
+                       kPetalsBalanceQuality, rng);
   EXPECT_FALSE(decision.move);
 }
 
 TEST(PetalsDecideMove, QualityAboveOneForcesMove) {
   std::mt19937_64 rng(4);
-  const MoveDecision decision =
-      PetalsDecideMove({Span("self", 0, 2, 5), Span("a", 2, 4, 5)}, "self", 4,
-                       1.5, rng);
+  const MoveDecision decision = PetalsDecideMove(
+      {Span("self", 0, 2, 5), Span("a", 2, 4, 5)}, "self", 4, 1.5, rng);
   EXPECT_TRUE(decision.move);
 }
 
@@ -317,11 +331,12 @@ TEST(PetalsDecideMove, ThroughputsVariantAgrees) {
     std::mt19937_64 second(trial);
     const MoveDecision by_spans =
         PetalsDecideMove(spans, "self", 10, kPetalsBalanceQuality, first);
-    const MoveDecision by_throughputs = PetalsDecideMoveForThroughputs(
-        BlockThroughputs(spans, 10), spans, "self", kPetalsBalanceQuality,
-        second);
+    const MoveDecision by_throughputs =
+        PetalsDecideMoveForThroughputs(BlockThroughputs(spans, 10), spans,
+                                       "self", kPetalsBalanceQuality, second);
     EXPECT_EQ(by_spans.move, by_throughputs.move) << "trial " << trial;
-    EXPECT_EQ(by_spans.new_start, by_throughputs.new_start) << "trial " << trial;
+    EXPECT_EQ(by_spans.new_start, by_throughputs.new_start)
+        << "trial " << trial;
   }
 }
 

@@ -59,7 +59,8 @@ absl::StatusOr<int> LocalSwarm::StartNode(
       PollenBinary(), "node", "--model", model_dir, "--model-id", model_id,
       "--blocks", absl::StrCat(start, ":", end), "--port", "0", "--host",
       "127.0.0.1", "--initial-peers", peer(), "--identity",
-      node_dir + "/identity", "--public-name", name,
+      node_dir + "/identity", "--public-name", name, "--throughput-cache",
+      node_dir + "/throughput.json",
       // Short periods keep restarts and withdrawals quick in tests.
       "--announce-period-s", "2", "--record-ttl-s", "10"};
   argv.insert(argv.end(), extra_flags.begin(), extra_flags.end());
