@@ -62,19 +62,25 @@ class FailoverTest : public ::testing::Test {
     return static_cast<int>(info.open_sessions());
   }
 
-  // Kills (SIGKILL) a live node that serves `block` and has a session open,
-  // and returns its index, or -1 when none has.
-  int KillBusyNode(int block) {
+  // Returns the index of a live node that serves `block` and has a session
+  // open, or -1 when none has.
+  int BusyNode(int block) {
     for (const auto& [index, span] : spans_) {
       if (span.first > block || block >= span.second) continue;
       if (!swarm_.node(index).process.IsRunning()) continue;
-      if (OpenSessions(index) > 0) {
-        swarm_.node(index).process.Signal(SIGKILL);
-        swarm_.node(index).process.Wait(absl::Seconds(5));
-        return index;
-      }
+      if (OpenSessions(index) > 0) return index;
     }
     return -1;
+  }
+
+  // Kills (SIGKILL) a busy node serving `block` and returns its index, or -1.
+  int KillBusyNode(int block) {
+    const int index = BusyNode(block);
+    if (index >= 0) {
+      swarm_.node(index).process.Signal(SIGKILL);
+      swarm_.node(index).process.Wait(absl::Seconds(5));
+    }
+    return index;
   }
 
   static GenerationOptions Options(int max_new_tokens, uint64_t seed = 0,
@@ -208,6 +214,81 @@ TEST_F(FailoverTest, RandomKillsDuringGenerationKeepTokens) {
       spans_.erase(index);
     }
   }
+}
+
+TEST_F(FailoverTest, MovedNodeLeavesOutputUnchanged) {
+  std::unique_ptr<Client> client = Connect();
+  ASSERT_NE(client, nullptr);
+  auto reference = client->GenerateFromIds(kStoriesPromptIds, Options(48));
+  ASSERT_TRUE(reference.ok()) << reference.status();
+
+  int moved = -1;
+  int tokens = 0;
+  grpc::Status move_status;
+  auto on_text = [&](const std::string&) {
+    if (++tokens != 10) return;
+    moved = BusyNode(3);
+    if (moved < 0) return;
+    // Ask the node serving blocks 2:5 to serve 0:2 instead.
+    auto stub = v1::BlockService::NewStub(grpc::CreateChannel(
+        swarm_.node(moved).address, grpc::InsecureChannelCredentials()));
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() +
+                         std::chrono::seconds(30));
+    v1::MoveBlocksRequest request;
+    request.mutable_blocks()->set_start(0);
+    request.mutable_blocks()->set_end(2);
+    v1::MoveBlocksResponse response;
+    move_status = stub->MoveBlocks(&context, request, &response);
+  };
+  auto result =
+      client->GenerateFromIds(kStoriesPromptIds, Options(48), on_text);
+  ASSERT_GE(moved, 0) << "no node serving block 3 had a session";
+  EXPECT_TRUE(move_status.ok()) << move_status.error_message();
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->new_ids, reference->new_ids);
+  for (const RouteHopInfo& hop : result->route) {
+    if (hop.address == swarm_.node(moved).address) {
+      EXPECT_EQ(hop.end, 2) << "the moved node still runs blocks 2:5";
+    }
+  }
+}
+
+TEST_F(FailoverTest, SigtermMovesSessionBeforeExit) {
+  std::unique_ptr<Client> client = Connect();
+  ASSERT_NE(client, nullptr);
+  auto reference = client->GenerateFromIds(kStoriesPromptIds, Options(48));
+  ASSERT_TRUE(reference.ok()) << reference.status();
+
+  int stopped = -1;
+  int tokens = 0;
+  bool alive_after_next_steps = false;
+  auto on_text = [&](const std::string&) {
+    ++tokens;
+    if (tokens == 10) {
+      stopped = BusyNode(3);
+      if (stopped >= 0) swarm_.node(stopped).process.Signal(SIGTERM);
+    }
+    // The node drains instead of dropping the session: it is still up
+    // when the client has already moved on.
+    if (tokens == 12 && stopped >= 0) {
+      alive_after_next_steps = swarm_.node(stopped).process.IsRunning();
+    }
+  };
+  auto result =
+      client->GenerateFromIds(kStoriesPromptIds, Options(48), on_text);
+  ASSERT_GE(stopped, 0) << "no node serving block 3 had a session";
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->new_ids, reference->new_ids);
+  EXPECT_TRUE(alive_after_next_steps);
+  for (const RouteHopInfo& hop : result->route) {
+    EXPECT_NE(hop.address, swarm_.node(stopped).address);
+  }
+
+  // With its session moved away, the node exits cleanly long before its
+  // 30 s drain timeout.
+  EXPECT_EQ(swarm_.node(stopped).process.Wait(absl::Seconds(15)), 0)
+      << swarm_.node(stopped).process.LogTail();
 }
 
 TEST_F(FailoverTest, LosingEveryNodeOfBlockNamesIt) {
