@@ -12,6 +12,7 @@
 #include "node/block_span.h"
 #include "node/inference_reactor.h"
 #include "node/session_manager.h"
+#include "node/training_reactor.h"
 
 namespace pollen::node {
 namespace {
@@ -179,6 +180,19 @@ grpc::ServerUnaryReactor* BlockServiceImpl::MoveBlocks(
         reactor->Finish(ToGrpcStatus(moved.status()));
       });
   return reactor;
+}
+
+grpc::ServerBidiReactor<v1::PayloadChunk, v1::PayloadChunk>*
+BlockServiceImpl::Forward(grpc::CallbackServerContext* call) {
+  // The reactor deletes itself in OnDone.
+  return new TrainingReactor(context_, TrainingReactor::Kind::kForward,
+                             call->peer());
+}
+
+grpc::ServerBidiReactor<v1::PayloadChunk, v1::PayloadChunk>*
+BlockServiceImpl::Backward(grpc::CallbackServerContext* call) {
+  return new TrainingReactor(context_, TrainingReactor::Kind::kBackward,
+                             call->peer());
 }
 
 }  // namespace pollen::node

@@ -1,4 +1,5 @@
-// The gRPC BlockService of a node: Inference streams, Info and MoveBlocks.
+// The gRPC BlockService of a node: Inference streams, Info, MoveBlocks and
+// the Forward and Backward passes of training.
 //
 // This layer converts between protobuf and domain objects and between
 // absl::Status and grpc::Status; the work happens in BlockSpan,
@@ -14,6 +15,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "common/model_config.h"
+#include "node/compute_queue.h"
 #include "pollen/v1/pollen.grpc.pb.h"
 
 namespace pollen::node {
@@ -73,6 +75,8 @@ struct ServiceContext {
   // Set when the node is shutting down: new sessions and moves get
   // UNAVAILABLE, and every response to open sessions carries `draining`.
   std::atomic<bool> draining{false};
+  // Runs Forward and Backward passes one at a time, after inference steps.
+  ComputeQueue compute;
 };
 
 // Thread-safe; gRPC calls its methods from its own threads.
@@ -90,6 +94,12 @@ class BlockServiceImpl final : public v1::BlockService::CallbackService {
   grpc::ServerUnaryReactor* MoveBlocks(grpc::CallbackServerContext* call,
                                        const v1::MoveBlocksRequest* request,
                                        v1::MoveBlocksResponse* response) override;
+
+  grpc::ServerBidiReactor<v1::PayloadChunk, v1::PayloadChunk>* Forward(
+      grpc::CallbackServerContext* call) override;
+
+  grpc::ServerBidiReactor<v1::PayloadChunk, v1::PayloadChunk>* Backward(
+      grpc::CallbackServerContext* call) override;
 
  private:
   ServiceContext* const context_;

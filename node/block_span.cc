@@ -194,10 +194,10 @@ absl::Status BlockSpan::ValidateForward(const at::Tensor& hidden,
   return absl::OkStatus();
 }
 
-absl::StatusOr<at::Tensor> BlockSpan::Forward(const at::Tensor& hidden,
-                                              std::vector<LayerKvCache>& cache,
-                                              int64_t position, int from,
-                                              int to) const {
+absl::StatusOr<at::Tensor> BlockSpan::Forward(
+    const at::Tensor& hidden, std::vector<LayerKvCache>& cache,
+    int64_t position, int from, int to,
+    const std::map<int, BlockAdapter>* adapters) const {
   POLLEN_RETURN_IF_ERROR(ValidateForward(hidden, cache, position, from, to));
 
   // NoGradGuard rather than InferenceMode: outputs of InferenceMode are
@@ -221,7 +221,75 @@ absl::StatusOr<at::Tensor> BlockSpan::Forward(const at::Tensor& hidden,
                      ShapeString(state.sizes()), " at position ", position,
                      " with KV cache ", ShapeString(layer.keys.sizes())),
         [&] {
-          state = block.Forward(state, layer, position);
+          const BlockAdapter* adapter = nullptr;
+          if (adapters != nullptr) {
+            const auto it = adapters->find(index);
+            if (it != adapters->end()) adapter = &it->second;
+          }
+          state = block.Forward(state, layer, position, adapter);
+          return absl::OkStatus();
+        }));
+  }
+
+  at::Tensor result;
+  POLLEN_RETURN_IF_ERROR(CatchTorchErrors(
+      absl::StrCat("converting the output of blocks [", from, ", ", to,
+                   ") back to ", c10::toString(hidden.scalar_type())),
+      [&] {
+        result = state.to(hidden.device(), hidden.scalar_type());
+        return absl::OkStatus();
+      }));
+  return result;
+}
+
+absl::StatusOr<at::Tensor> BlockSpan::ForwardNoCache(
+    const at::Tensor& hidden, int from, int to,
+    const std::map<int, BlockAdapter>& adapters) const {
+  // Block range, hidden states and sequence length.
+  if (from < start_ || to > end_ || from >= to) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "blocks [", from, ", ", to, ") are not a non-empty part of the span [",
+        start_, ", ", end_, ")"));
+  }
+  if (!hidden.defined() || hidden.dim() != 3 ||
+      hidden.size(2) != config_.hidden_size || hidden.size(0) < 1 ||
+      hidden.size(1) < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "hidden states have shape ",
+        hidden.defined() ? ShapeString(hidden.sizes()) : "undefined",
+        ", expected [batch >= 1, seq >= 1, ", config_.hidden_size, "]"));
+  }
+  if (!at::isFloatingType(hidden.scalar_type())) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("hidden states have dtype ",
+                     c10::toString(hidden.scalar_type()),
+                     ", expected a floating-point dtype"));
+  }
+  if (hidden.size(1) > config_.max_position_embeddings) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "sequence of ", hidden.size(1),
+        " positions exceeds the model's max_position_embeddings of ",
+        config_.max_position_embeddings));
+  }
+
+  at::Tensor state;
+  POLLEN_RETURN_IF_ERROR(CatchTorchErrors(
+      absl::StrCat("converting hidden states ", ShapeString(hidden.sizes()),
+                   " to ", c10::toString(dtype_), " on ", device_.str()),
+      [&] {
+        state = hidden.to(device_, dtype_);
+        return absl::OkStatus();
+      }));
+
+  for (int index = from; index < to; ++index) {
+    const LlamaBlock& block = blocks_[index - start_];
+    const auto it = adapters.find(index);
+    const BlockAdapter* adapter = it == adapters.end() ? nullptr : &it->second;
+    POLLEN_RETURN_IF_ERROR(CatchTorchErrors(
+        absl::StrCat("block ", index, " full-sequence forward on hidden states ",
+                     ShapeString(state.sizes())),
+        [&] {
+          state = block.ForwardNoCache(state, adapter);
           return absl::OkStatus();
         }));
   }

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <vector>
 
@@ -12,6 +13,7 @@
 #include "absl/status/statusor.h"
 #include "common/checkpoint.h"
 #include "common/model_config.h"
+#include "node/adapters.h"
 #include "node/llama_block.h"
 
 namespace pollen::node {
@@ -62,9 +64,24 @@ class BlockSpan {
   // Runs without autograd. Returns INVALID_ARGUMENT for a bad range, shape,
   // cache or position, and INTERNAL (RESOURCE_EXHAUSTED when out of memory)
   // naming the block and shapes when libtorch fails.
-  absl::StatusOr<at::Tensor> Forward(const at::Tensor& hidden,
-                                     std::vector<LayerKvCache>& cache,
-                                     int64_t position, int from, int to) const;
+  //
+  // `adapters`, when not null, maps absolute block indices to LoRA updates
+  // applied to those blocks; prompts are ignored.
+  absl::StatusOr<at::Tensor> Forward(
+      const at::Tensor& hidden, std::vector<LayerKvCache>& cache,
+      int64_t position, int from, int to,
+      const std::map<int, BlockAdapter>* adapters = nullptr) const;
+
+  // Runs blocks [from, to) on a whole sequence `hidden` [batch, seq,
+  // hidden_size] at positions [0, seq), without a cache, applying
+  // adapters[i] (prompt and LoRA) to block i where present. Converts like
+  // Forward, differentiably. Takes no autograd guard: callers choose between
+  // inference (NoGradGuard) and training. Returns INVALID_ARGUMENT for a bad
+  // range or shape, or when seq exceeds max_position_embeddings, and
+  // INTERNAL (RESOURCE_EXHAUSTED when out of memory) when libtorch fails.
+  absl::StatusOr<at::Tensor> ForwardNoCache(
+      const at::Tensor& hidden, int from, int to,
+      const std::map<int, BlockAdapter>& adapters) const;
 
  private:
   BlockSpan(int start, int end, ModelConfig config, at::ScalarType dtype,

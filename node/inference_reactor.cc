@@ -9,7 +9,9 @@
 #include "common/logging.h"
 #include "common/status_util.h"
 #include "common/tensor_codec.h"
+#include "node/adapters.h"
 #include "node/block_span.h"
+#include "node/compute_queue.h"
 #include "node/session_manager.h"
 
 namespace pollen::node {
@@ -129,6 +131,27 @@ absl::Status InferenceReactor::HandleOpen(const v1::InferenceOpen& open) {
   request.to = static_cast<int>(open.blocks().end());
   request.batch_size = open.batch_size() == 0 ? 1 : open.batch_size();
   request.max_length = open.max_length();
+
+  // LoRA adapters, checked once here and applied on every step.
+  std::map<int, BlockAdapter> adapters;
+  POLLEN_ASSIGN_OR_RETURN(
+      adapters,
+      AdaptersFromProto(open.adapters(), context_->config, request.from,
+                        request.to, request.batch_size, request.max_length));
+  for (const auto& [block, adapter] : adapters) {
+    if (adapter.prompt.defined()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "InferenceOpen adapters carry LoRA weights only, but block ", block,
+          " has a prompt; add prompts to the hidden states instead"));
+    }
+  }
+  POLLEN_RETURN_IF_ERROR(CatchTorchErrors(
+      absl::StrCat("moving the adapters of session '", request.session_id,
+                   "' to ", span->device().str()),
+      [&] {
+        request.adapters = AdaptersTo(adapters, span->dtype(), span->device());
+        return absl::OkStatus();
+      }));
   POLLEN_ASSIGN_OR_RETURN(session_,
                           context_->sessions->Open(request, std::move(span)));
 
@@ -161,6 +184,8 @@ absl::Status InferenceReactor::HandleStep(const v1::InferenceStep& step) {
   }
   const int64_t new_tokens = hidden.size(1);
 
+  // Queued training work does not start while this step waits or runs.
+  ComputeQueue::InferenceScope inference_scope(&context_->compute);
   absl::MutexLock lock(&session_->mu);
   if (session_->closed) {
     return absl::NotFoundError(absl::StrCat("session '", request.session_id,
@@ -183,7 +208,7 @@ absl::Status InferenceReactor::HandleStep(const v1::InferenceStep& step) {
   POLLEN_ASSIGN_OR_RETURN(
       at::Tensor output,
       session_->span->Forward(hidden, session_->cache, session_->position,
-                              request.from, request.to));
+                              request.from, request.to, &request.adapters));
   session_->position += new_tokens;
   session_->last_used = absl::Now();
 

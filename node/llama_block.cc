@@ -29,6 +29,24 @@ void CheckShape(const at::Tensor& tensor, const char* name,
               tensor.sizes(), ", expected ", expected);
 }
 
+// scaling * B (A x) for the LoRA adapter of `target`, or an undefined
+// tensor when `adapter` has none. x is [batch, tokens, in].
+at::Tensor LoraDelta(const at::Tensor& x, const BlockAdapter* adapter,
+                     const char* target) {
+  if (adapter == nullptr) return at::Tensor();
+  const auto it = adapter->lora.find(target);
+  if (it == adapter->lora.end()) return at::Tensor();
+  const LoraAdapter& lora = it->second;
+  const at::Tensor a = lora.a.to(x.device(), x.scalar_type());  // [rank, in]
+  const at::Tensor b = lora.b.to(x.device(), x.scalar_type());  // [out, rank]
+  return at::linear(at::linear(x, a), b) * lora.scaling;
+}
+
+// base + delta, or base when delta is undefined.
+at::Tensor AddDelta(const at::Tensor& base, const at::Tensor& delta) {
+  return delta.defined() ? base + delta : base;
+}
+
 }  // namespace
 
 RotaryEmbedding::RotaryEmbedding(const ModelConfig& config,
@@ -156,7 +174,41 @@ at::Tensor LlamaBlock::RmsNorm(const at::Tensor& x,
 }
 
 at::Tensor LlamaBlock::Forward(const at::Tensor& hidden, LayerKvCache& cache,
-                               int64_t position) const {
+                               int64_t position,
+                               const BlockAdapter* adapter) const {
+  return Run(hidden, &cache, position, adapter);
+}
+
+at::Tensor LlamaBlock::ForwardNoCache(const at::Tensor& hidden,
+                                      const BlockAdapter* adapter) const {
+  if (adapter == nullptr || !adapter->prompt.defined()) {
+    return Run(hidden, nullptr, 0, adapter);
+  }
+  TORCH_CHECK(hidden.dim() == 3, "block ", block_index_,
+              ": hidden states have shape ", hidden.sizes(),
+              ", expected [batch, seq, ", hidden_size_, "]");
+
+  // Deep prompt: add it to the first prefix_len positions, out of place.
+  const at::Tensor prompt = adapter->prompt.to(hidden.device(),
+                                               hidden.scalar_type());
+  const int64_t seq = hidden.size(1);
+  TORCH_CHECK(prompt.dim() == 3 && prompt.size(1) <= seq &&
+                  prompt.size(2) == hidden_size_ &&
+                  (prompt.size(0) == 1 || prompt.size(0) == hidden.size(0)),
+              "block ", block_index_, ": prompt has shape ", prompt.sizes(),
+              ", expected [1 or ", hidden.size(0), ", prefix_len <= ", seq,
+              ", ", hidden_size_, "]");
+  const int64_t prefix = prompt.size(1);
+  const at::Tensor prompted =
+      at::cat({hidden.narrow(1, 0, prefix) + prompt,
+               hidden.narrow(1, prefix, seq - prefix)},
+              1);
+  return Run(prompted, nullptr, 0, adapter);
+}
+
+at::Tensor LlamaBlock::Run(const at::Tensor& hidden, LayerKvCache* cache,
+                           int64_t position,
+                           const BlockAdapter* adapter) const {
   TORCH_CHECK(hidden.dim() == 3 && hidden.size(2) == hidden_size_,
               "block ", block_index_, ": hidden states have shape ",
               hidden.sizes(), ", expected [batch, new_tokens, ", hidden_size_,
@@ -167,22 +219,30 @@ at::Tensor LlamaBlock::Forward(const at::Tensor& hidden, LayerKvCache& cache,
               dtype(), " on ", device());
 
   // Attention sublayer with residual.
-  const at::Tensor attention =
-      Attention(RmsNorm(hidden, input_layernorm_), cache, position);
+  const at::Tensor attention = Attention(
+      RmsNorm(hidden, input_layernorm_), cache, position, adapter);
   const at::Tensor after_attention = hidden + attention;
 
   // SwiGLU MLP sublayer with residual: down(silu(gate(x)) * up(x)).
   const int64_t intermediate = down_proj_.size(1);
-  const at::Tensor gate_up = at::linear(
-      RmsNorm(after_attention, post_attention_layernorm_), gate_up_proj_);
-  const at::Tensor gate = gate_up.narrow(-1, 0, intermediate);
-  const at::Tensor up = gate_up.narrow(-1, intermediate, intermediate);
-  const at::Tensor mlp = at::linear(at::silu(gate) * up, down_proj_);
+  const at::Tensor normed = RmsNorm(after_attention, post_attention_layernorm_);
+  const at::Tensor gate_up = at::linear(normed, gate_up_proj_);
+  const at::Tensor gate =
+      AddDelta(gate_up.narrow(-1, 0, intermediate),
+               LoraDelta(normed, adapter, "gate_proj"));
+  const at::Tensor up =
+      AddDelta(gate_up.narrow(-1, intermediate, intermediate),
+               LoraDelta(normed, adapter, "up_proj"));
+  const at::Tensor activated = at::silu(gate) * up;
+  const at::Tensor mlp =
+      AddDelta(at::linear(activated, down_proj_),
+               LoraDelta(activated, adapter, "down_proj"));
   return after_attention + mlp;
 }
 
-at::Tensor LlamaBlock::Attention(const at::Tensor& x, LayerKvCache& cache,
-                                 int64_t position) const {
+at::Tensor LlamaBlock::Attention(const at::Tensor& x, LayerKvCache* cache,
+                                 int64_t position,
+                                 const BlockAdapter* adapter) const {
   const int64_t batch = x.size(0);
   const int64_t new_tokens = x.size(1);
   const int64_t total = position + new_tokens;
@@ -190,28 +250,33 @@ at::Tensor LlamaBlock::Attention(const at::Tensor& x, LayerKvCache& cache,
   const int64_t d = head_dim_;
 
   // Validate the cache and the position range.
-  TORCH_CHECK(cache.keys.defined() && cache.values.defined(), "block ",
-              block_index_, ": KV cache is not allocated");
-  TORCH_CHECK(cache.keys.dim() == 4, "block ", block_index_,
-              ": KV cache keys have shape ", cache.keys.sizes(),
-              ", expected [batch, kv_heads, max_length, head_dim]");
-  const std::vector<int64_t> cache_shape = {batch, num_kv_heads_,
-                                            cache.keys.size(2), d};
-  TORCH_CHECK(cache.keys.sizes() == at::IntArrayRef(cache_shape) &&
-                  cache.values.sizes() == cache.keys.sizes(),
-              "block ", block_index_, ": KV cache keys ", cache.keys.sizes(),
-              " and values ", cache.values.sizes(), " do not match [", batch,
-              ", ", num_kv_heads_, ", max_length, ", d, "]");
-  TORCH_CHECK(cache.keys.scalar_type() == dtype() &&
-                  cache.values.scalar_type() == dtype() &&
-                  cache.keys.device() == device() &&
-                  cache.values.device() == device(),
-              "block ", block_index_, ": KV cache is ",
-              cache.keys.scalar_type(), " on ", cache.keys.device(),
-              ", expected ", dtype(), " on ", device());
-  TORCH_CHECK(position >= 0 && total <= cache.keys.size(2), "block ",
-              block_index_, ": positions [", position, ", ", total,
-              ") do not fit a KV cache of length ", cache.keys.size(2));
+  if (cache != nullptr) {
+    TORCH_CHECK(cache->keys.defined() && cache->values.defined(), "block ",
+                block_index_, ": KV cache is not allocated");
+    TORCH_CHECK(cache->keys.dim() == 4, "block ", block_index_,
+                ": KV cache keys have shape ", cache->keys.sizes(),
+                ", expected [batch, kv_heads, max_length, head_dim]");
+    const std::vector<int64_t> cache_shape = {batch, num_kv_heads_,
+                                              cache->keys.size(2), d};
+    TORCH_CHECK(cache->keys.sizes() == at::IntArrayRef(cache_shape) &&
+                    cache->values.sizes() == cache->keys.sizes(),
+                "block ", block_index_, ": KV cache keys ", cache->keys.sizes(),
+                " and values ", cache->values.sizes(), " do not match [", batch,
+                ", ", num_kv_heads_, ", max_length, ", d, "]");
+    TORCH_CHECK(cache->keys.scalar_type() == dtype() &&
+                    cache->values.scalar_type() == dtype() &&
+                    cache->keys.device() == device() &&
+                    cache->values.device() == device(),
+                "block ", block_index_, ": KV cache is ",
+                cache->keys.scalar_type(), " on ", cache->keys.device(),
+                ", expected ", dtype(), " on ", device());
+    TORCH_CHECK(position >= 0 && total <= cache->keys.size(2), "block ",
+                block_index_, ": positions [", position, ", ", total,
+                ") do not fit a KV cache of length ", cache->keys.size(2));
+  } else {
+    TORCH_CHECK(position == 0, "block ", block_index_,
+                ": a pass without a cache starts at position 0, not ", position);
+  }
   TORCH_CHECK(total <= rotary_->max_positions(), "block ", block_index_,
               ": positions [", position, ", ", total,
               ") exceed the rotary table of ", rotary_->max_positions(),
@@ -219,12 +284,16 @@ at::Tensor LlamaBlock::Attention(const at::Tensor& x, LayerKvCache& cache,
 
   // Projections: [batch, new_tokens, heads, d] for q, kv_heads for k and v.
   const at::Tensor qkv = at::linear(x, qkv_proj_);
-  at::Tensor q = qkv.narrow(-1, 0, num_heads_ * d)
+  at::Tensor q = AddDelta(qkv.narrow(-1, 0, num_heads_ * d),
+                          LoraDelta(x, adapter, "q_proj"))
                      .view({batch, new_tokens, num_heads_, d});
-  at::Tensor k = qkv.narrow(-1, num_heads_ * d, num_kv_heads_ * d)
+  at::Tensor k = AddDelta(qkv.narrow(-1, num_heads_ * d, num_kv_heads_ * d),
+                          LoraDelta(x, adapter, "k_proj"))
                      .view({batch, new_tokens, num_kv_heads_, d});
   const at::Tensor v =
-      qkv.narrow(-1, (num_heads_ + num_kv_heads_) * d, num_kv_heads_ * d)
+      AddDelta(
+          qkv.narrow(-1, (num_heads_ + num_kv_heads_) * d, num_kv_heads_ * d),
+          LoraDelta(x, adapter, "v_proj"))
           .view({batch, new_tokens, num_kv_heads_, d});
 
   // Rotary embedding of q and k at their absolute positions.
@@ -236,11 +305,19 @@ at::Tensor LlamaBlock::Attention(const at::Tensor& x, LayerKvCache& cache,
   k = k * cos + RotateHalf(k) * sin;
 
   // Append to the cache, then view all positions so far:
-  // keys, values [batch, kv_heads, total, d].
-  cache.keys.narrow(2, position, new_tokens).copy_(k.transpose(1, 2));
-  cache.values.narrow(2, position, new_tokens).copy_(v.transpose(1, 2));
-  const at::Tensor keys = cache.keys.narrow(2, 0, total);
-  const at::Tensor values = cache.values.narrow(2, 0, total);
+  // keys, values [batch, kv_heads, total, d]. Without a cache, the new
+  // tokens are all there is.
+  at::Tensor keys;
+  at::Tensor values;
+  if (cache != nullptr) {
+    cache->keys.narrow(2, position, new_tokens).copy_(k.transpose(1, 2));
+    cache->values.narrow(2, position, new_tokens).copy_(v.transpose(1, 2));
+    keys = cache->keys.narrow(2, 0, total);
+    values = cache->values.narrow(2, 0, total);
+  } else {
+    keys = k.transpose(1, 2);
+    values = v.transpose(1, 2);
+  }
 
   // Grouped-query attention without repeating the keys: query head h uses
   // kv head h / group, so the group's query heads become extra rows.
@@ -277,7 +354,8 @@ at::Tensor LlamaBlock::Attention(const at::Tensor& x, LayerKvCache& cache,
           .view({batch, num_kv_heads_, group, new_tokens, d})
           .permute({0, 3, 1, 2, 4})
           .reshape({batch, new_tokens, num_heads_ * d});
-  return at::linear(context, o_proj_);
+  return AddDelta(at::linear(context, o_proj_),
+                  LoraDelta(context, adapter, "o_proj"));
 }
 
 }  // namespace pollen::node

@@ -11,6 +11,7 @@
 #include "absl/status/statusor.h"
 #include "common/checkpoint.h"
 #include "common/model_config.h"
+#include "node/adapters.h"
 
 namespace pollen::node {
 
@@ -85,8 +86,24 @@ class LlamaBlock {
   //
   // Throws c10::Error when dtypes, devices or shapes disagree, or when
   // position + new_tokens exceeds the cache length or the rotary table.
+  //
+  // `adapter`, when not null, adds its LoRA updates to the projections; its
+  // prompt is ignored here.
   at::Tensor Forward(const at::Tensor& hidden, LayerKvCache& cache,
-                     int64_t position) const;
+                     int64_t position,
+                     const BlockAdapter* adapter = nullptr) const;
+
+  // Runs the block on a whole sequence `hidden` [batch, seq, hidden_size] at
+  // positions [0, seq) with causal attention and no cache. When `adapter`
+  // has a prompt [batch or 1, prefix_len, hidden_size], it is added to
+  // hidden[:, :prefix_len] first; its LoRA updates apply to the
+  // projections. Writes into no input tensor, so autograd can run through
+  // it (the caller chooses the grad mode). Returns [batch, seq, hidden_size].
+  //
+  // Throws c10::Error when dtypes, devices or shapes disagree, or when seq
+  // exceeds the rotary table.
+  at::Tensor ForwardNoCache(const at::Tensor& hidden,
+                            const BlockAdapter* adapter) const;
 
   int block_index() const { return block_index_; }
   at::ScalarType dtype() const;
@@ -98,10 +115,17 @@ class LlamaBlock {
   // the statistics in float32.
   at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight) const;
 
+  // Both sublayers on `hidden` [batch, new_tokens, hidden]. With `cache`
+  // null, attends over the new tokens only, which sit at positions
+  // [0, new_tokens).
+  at::Tensor Run(const at::Tensor& hidden, LayerKvCache* cache,
+                 int64_t position, const BlockAdapter* adapter) const;
+
   // Self-attention on normalized input [batch, new_tokens, hidden]; returns
-  // the o_proj output [batch, new_tokens, hidden].
-  at::Tensor Attention(const at::Tensor& x, LayerKvCache& cache,
-                       int64_t position) const;
+  // the o_proj output [batch, new_tokens, hidden]. `cache` may be null, as
+  // in Run.
+  at::Tensor Attention(const at::Tensor& x, LayerKvCache* cache,
+                       int64_t position, const BlockAdapter* adapter) const;
 
   int block_index_;
   int64_t hidden_size_;

@@ -12,6 +12,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "node/adapters.h"
 #include "node/llama_block.h"
 
 namespace pollen::node {
@@ -25,6 +26,9 @@ struct SessionRequest {
   int to = 0;    // one past the last block
   int64_t batch_size = 1;
   int64_t max_length = 0;
+  // LoRA updates applied on every step, by absolute block index, in the
+  // span's dtype and device; empty for none.
+  std::map<int, BlockAdapter> adapters;
 };
 
 // One client's state on this node: the span it opened on, the KV cache of
