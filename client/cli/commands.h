@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "client/training/trainer.h"
 #include "node/node_server.h"
 #include "pollen/client.h"
 
@@ -38,10 +39,18 @@ struct LocalSwarmCommandOptions {
   std::string work_dir;
 };
 
+struct FinetuneCommandOptions {
+  // Swarm to train through when finetune.local is false.
+  ClientOptions client;
+  client::FinetuneOptions finetune;
+};
+
 int RunNodeCommand(const node::NodeOptions& options);
 int RunGenerateCommand(const GenerateCommandOptions& options);
 int RunChatCommand(const GenerateCommandOptions& options);
 int RunStatusCommand(const StatusCommandOptions& options);
 int RunLocalSwarmCommand(const LocalSwarmCommandOptions& options);
+// Returns 130 when SIGINT stopped training (the adapter is saved first).
+int RunFinetuneCommand(const FinetuneCommandOptions& options);
 
 }  // namespace pollen::cli

@@ -56,6 +56,22 @@ ABSL_FLAG(bool, json, false, "Print JSON instead of text");
 ABSL_FLAG(int, nodes, 2, "local-swarm: number of node processes");
 ABSL_FLAG(std::string, work_dir, "", "local-swarm: folder for node logs and identities; default a temporary one");
 
+// pollen finetune.
+ABSL_FLAG(std::string, data, "", "finetune: training examples, a .txt file (one a line) or .jsonl file ({\"text\": ...} a line)");
+ABSL_FLAG(std::string, method, "prompt", "finetune: prompt, deep-prompt or lora");
+ABSL_FLAG(int64_t, steps, 100, "finetune: number of optimizer steps");
+ABSL_FLAG(int, batch_size, 4, "finetune: examples per step");
+ABSL_FLAG(int, seq_len, 128, "finetune: tokens per example (BOS included); longer examples are cut");
+ABSL_FLAG(double, lr, 1e-3, "finetune: Adam learning rate");
+ABSL_FLAG(std::string, output, "", "finetune: folder for the adapter (adapter_model.safetensors, adapter_config.json)");
+ABSL_FLAG(bool, local, false, "finetune: run every block in this process instead of through the swarm");
+ABSL_FLAG(std::string, loss_log, "", "finetune: CSV file with one step,loss,tokens_per_s row per step");
+ABSL_FLAG(bool, resume, false, "finetune: continue from the adapter and optimizer state in --output");
+ABSL_FLAG(int, lora_rank, 8, "finetune: LoRA rank r");
+ABSL_FLAG(double, lora_alpha, 16, "finetune: LoRA alpha; updates are scaled by alpha / r");
+ABSL_FLAG(std::string, lora_targets, "q_proj,v_proj", "finetune: comma-separated projections LoRA adapts, among q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj");
+ABSL_FLAG(int, prefix_length, 16, "finetune: trainable positions of prompt and deep-prompt tuning");
+
 ABSL_FLAG(std::string, log_level, "", "Log level: trace, debug, info, warn, error; default info for node, warn for other commands");
 
 namespace {
@@ -74,6 +90,8 @@ Commands:
                  pollen status --initial-peers HOST:PORT [--json]
   local-swarm  start N nodes on this machine, generate, and stop
                  pollen local-swarm --model DIR --nodes N --prompt TEXT
+  finetune     train a prompt, deep prompt or LoRA adapter
+                 pollen finetune --model DIR --data FILE --method lora --output DIR --local
 
 Flags use dashes or underscores: --max-new-tokens and --max_new_tokens are the same.)";
 
@@ -169,6 +187,50 @@ std::vector<char*> NormalizeFlagNames(int argc, char** argv,
   return result;
 }
 
+int RunFinetune() {
+  pollen::cli::FinetuneCommandOptions options;
+  options.client = GenerateOptionsFromFlags().client;
+  pollen::client::FinetuneOptions& finetune = options.finetune;
+  finetune.model_dir = absl::GetFlag(FLAGS_model);
+  finetune.data_path = absl::GetFlag(FLAGS_data);
+  auto method = pollen::client::ParseAdapterMethod(absl::GetFlag(FLAGS_method));
+  if (!method.ok()) {
+    std::cerr << "error: --method: " << method.status().message() << "\n";
+    return 2;
+  }
+
+  // Method and its sizes.
+  finetune.adapter.method = *method;
+  finetune.adapter.prefix_length = absl::GetFlag(FLAGS_prefix_length);
+  finetune.adapter.lora_rank = absl::GetFlag(FLAGS_lora_rank);
+  finetune.adapter.lora_alpha = static_cast<float>(absl::GetFlag(FLAGS_lora_alpha));
+  finetune.adapter.lora_targets = SplitPeers(absl::GetFlag(FLAGS_lora_targets));
+
+  // Optimisation, output and swarm.
+  finetune.steps = absl::GetFlag(FLAGS_steps);
+  finetune.batch_size = absl::GetFlag(FLAGS_batch_size);
+  finetune.seq_len = absl::GetFlag(FLAGS_seq_len);
+  finetune.learning_rate = absl::GetFlag(FLAGS_lr);
+  finetune.output_dir = absl::GetFlag(FLAGS_output);
+  finetune.seed = absl::GetFlag(FLAGS_seed);
+  finetune.local = absl::GetFlag(FLAGS_local);
+  finetune.initial_peers = options.client.initial_peers;
+  finetune.model_id = options.client.model_id;
+  finetune.discovery_wait = options.client.discovery_wait;
+  finetune.loss_log_path = absl::GetFlag(FLAGS_loss_log);
+  finetune.resume = absl::GetFlag(FLAGS_resume);
+  if (finetune.data_path.empty() || finetune.output_dir.empty()) {
+    std::cerr << "error: pollen finetune needs --data FILE and --output DIR\n";
+    return 2;
+  }
+  if (!finetune.local && options.client.initial_peers.empty()) {
+    std::cerr << "error: pollen finetune needs --initial-peers HOST:PORT, "
+                 "or --local to run every block in this process\n";
+    return 2;
+  }
+  return pollen::cli::RunFinetuneCommand(options);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -196,7 +258,8 @@ int main(int argc, char** argv) {
   }
 
   const bool needs_model = command == "node" || command == "generate" ||
-                           command == "chat" || command == "local-swarm";
+                           command == "chat" || command == "local-swarm" ||
+                           command == "finetune";
   if (needs_model && absl::GetFlag(FLAGS_model).empty()) {
     std::cerr << "error: pollen " << command << " needs --model DIR\n";
     return 2;
@@ -210,6 +273,7 @@ int main(int argc, char** argv) {
   }
 
   if (command == "node") return RunNode();
+  if (command == "finetune") return RunFinetune();
   if (command == "generate") return pollen::cli::RunGenerateCommand(GenerateOptionsFromFlags());
   if (command == "chat") return pollen::cli::RunChatCommand(GenerateOptionsFromFlags());
   if (command == "status") {
