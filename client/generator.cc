@@ -204,6 +204,12 @@ absl::StatusOr<GenerationResult> Client::Generate(
 absl::StatusOr<GenerationResult> Client::GenerateFromIds(
     const std::vector<int>& prompt_ids, const GenerationOptions& options,
     const TextCallback& on_text) {
+  // Check the request before any node reserves cache for it.
+  POLLEN_RETURN_IF_ERROR(client::ValidateSamplingOptions(options.sampling));
+  if (options.max_new_tokens < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "max_new_tokens must be at least 1, got ", options.max_new_tokens));
+  }
   const int64_t limit = impl_->config().max_position_embeddings;
   const int64_t max_length =
       static_cast<int64_t>(prompt_ids.size()) + options.max_new_tokens;

@@ -14,15 +14,11 @@
 #include "client/remote_chain.h"
 #include "client/rtt_tracker.h"
 #include "common/dht_registry.h"
+#include "common/node_records.h"
 #include "pollen/v1/pollen.pb.h"
 #include "scheduler/route.h"
 
 namespace pollen::client {
-
-// Converts usable records (ONLINE, for `model_id`) into spans for the
-// scheduler; one span per node.
-std::vector<scheduler::ServerSpan> SpansFromRecords(
-    const std::vector<v1::NodeRecord>& records, const std::string& model_id);
 
 // A read-only DHT participant that finds routes. Thread-safe.
 class SwarmClient {

@@ -226,6 +226,9 @@ absl::StatusOr<std::unique_ptr<grpc::Server>> StartServer(
       absl::StrCat(options.listen_host, ":", options.port);
   builder.AddListeningPort(listen_address, grpc::InsecureServerCredentials(),
                            bound_port);
+  // gRPC sets SO_REUSEPORT by default, which lets a second node bind the
+  // same port and receive half of the connections.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   builder.SetMaxReceiveMessageSize(kMaxMessageBytes);
   builder.SetMaxSendMessageSize(kMaxMessageBytes);
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, 20000);

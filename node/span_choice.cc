@@ -1,5 +1,7 @@
 #include "node/span_choice.h"
 
+#include "common/node_records.h"
+
 #include <dlfcn.h>
 
 #include <algorithm>
@@ -62,35 +64,6 @@ std::string MiB(int64_t bytes) {
 }
 
 }  // namespace
-
-std::vector<scheduler::ServerSpan> SpansFromNodeRecords(
-    const std::vector<v1::NodeRecord>& records, const std::string& model_id) {
-  std::map<std::string, const v1::NodeRecord*> newest;
-  for (const v1::NodeRecord& record : records) {
-    if (record.model_id() != model_id) continue;
-    const v1::NodeRecord*& slot = newest[record.node_id()];
-    if (slot == nullptr || record.announced_ms() > slot->announced_ms()) {
-      slot = &record;
-    }
-  }
-
-  std::vector<scheduler::ServerSpan> spans;
-  for (const auto& [node_id, record] : newest) {
-    if (record->state() != v1::NODE_STATE_ONLINE) continue;
-    scheduler::ServerSpan span;
-    span.node_id = node_id;
-    span.address = record->address();
-    span.start = static_cast<int>(record->blocks().start());
-    span.end = static_cast<int>(record->blocks().end());
-    span.throughput = record->throughput();
-    span.prefill_throughput = record->prefill_throughput();
-    span.cache_tokens_left = static_cast<int64_t>(record->cache_tokens_left());
-    span.next_rtt_ms.insert(record->next_rtt_ms().begin(),
-                            record->next_rtt_ms().end());
-    spans.push_back(std::move(span));
-  }
-  return spans;
-}
 
 int64_t BlockWeightBytes(const ModelConfig& config, at::ScalarType dtype) {
   const int64_t hidden = config.hidden_size;
@@ -204,7 +177,7 @@ absl::StatusOr<v1::BlockRange> ChooseInitialSpan(
   }
 
   std::vector<scheduler::ServerSpan> others;
-  for (scheduler::ServerSpan& span : SpansFromNodeRecords(records, model_id)) {
+  for (scheduler::ServerSpan& span : SpansFromRecords(records, model_id)) {
     if (span.node_id != self_node_id) others.push_back(std::move(span));
   }
   const int start = scheduler::ChooseSpanStart(others, num_blocks, length,

@@ -18,11 +18,6 @@
 
 namespace pollen::node {
 
-// Converts announced records of `model_id` into the scheduler's spans: the
-// newest record of each node, ONLINE ones only.
-std::vector<scheduler::ServerSpan> SpansFromNodeRecords(
-    const std::vector<v1::NodeRecord>& records, const std::string& model_id);
-
 // Bytes of one block's weights in `dtype`, computed from the config's shapes.
 int64_t BlockWeightBytes(const ModelConfig& config, at::ScalarType dtype);
 

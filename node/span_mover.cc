@@ -1,5 +1,7 @@
 #include "node/span_mover.h"
 
+#include "common/node_records.h"
+
 #include <algorithm>
 #include <optional>
 #include <utility>
@@ -167,7 +169,7 @@ void SpanMover::Rebalance() {
   // This node's span as it is now, even when its last record is out of
   // date.
   std::vector<scheduler::ServerSpan> spans =
-      SpansFromNodeRecords(*records, service.model_id);
+      SpansFromRecords(*records, service.model_id);
   spans.erase(std::remove_if(spans.begin(), spans.end(),
                              [&service](const scheduler::ServerSpan& span) {
                                return span.node_id == service.node_id;

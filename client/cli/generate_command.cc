@@ -37,14 +37,20 @@ int RunGenerateCommand(const GenerateCommandOptions& options) {
     return 1;
   }
 
+  // The prompt is echoed with the first generated text, so that a request
+  // that fails before generating prints nothing on stdout.
+  bool prompt_printed = false;
   TextCallback on_text;
   if (!options.json) {
-    std::cout << options.prompt << std::flush;
-    on_text = [](const std::string& piece) { std::cout << piece << std::flush; };
+    on_text = [&](const std::string& piece) {
+      if (!prompt_printed) std::cout << options.prompt;
+      prompt_printed = true;
+      std::cout << piece << std::flush;
+    };
   }
   auto result = (*client)->Generate(options.prompt, options.generation, on_text);
   if (!result.ok()) {
-    if (!options.json) std::cout << "\n";
+    if (prompt_printed) std::cout << "\n";
     PrintError(result.status());
     return 1;
   }
@@ -52,6 +58,7 @@ int RunGenerateCommand(const GenerateCommandOptions& options) {
   if (options.json) {
     std::cout << ResultToJson(*result).dump() << "\n";
   } else {
+    if (!prompt_printed) std::cout << options.prompt;
     std::cout << "\n";
   }
   return 0;

@@ -7,6 +7,8 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "client/cli/commands.h"
@@ -76,7 +78,7 @@ ABSL_FLAG(std::string, log_level, "", "Log level: trace, debug, info, warn, erro
 
 namespace {
 
-constexpr char kUsage[] = R"(pollen: run large language models across a swarm of machines.
+constexpr char kUsage[] = R"(run large language models across a swarm of machines.
 
 Usage: pollen COMMAND [--flags]
 
@@ -235,6 +237,17 @@ int RunFinetune() {
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(kUsage);
+  // --help lists the flags of this file, where every flag is defined.
+  absl::FlagsUsageConfig usage_config;
+  usage_config.contains_help_flags = [](absl::string_view file) {
+    return absl::EndsWith(file, "cli/main.cc");
+  };
+  usage_config.contains_helpshort_flags = usage_config.contains_help_flags;
+  usage_config.normalize_filename = [](absl::string_view file) {
+    const size_t cli = file.rfind("client/cli/");
+    return std::string(cli == absl::string_view::npos ? file : file.substr(cli));
+  };
+  absl::SetFlagsUsageConfig(usage_config);
   std::vector<std::string> storage;
   std::vector<char*> normalized = NormalizeFlagNames(argc, argv, storage);
   const std::vector<char*> positional =

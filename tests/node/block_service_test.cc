@@ -245,6 +245,19 @@ TEST_F(BlockServiceTest, FreesIdleSession) {
   ExpectStatus(call.stream->Finish(), grpc::StatusCode::NOT_FOUND, "idle");
 }
 
+TEST_F(BlockServiceTest, SecondNodeCannotShareItsPort) {
+  const std::string port = address_.substr(address_.rfind(':') + 1);
+  const CommandResult result = RunCommand(
+      {PollenBinary(), "node", "--model", Stories260kDir(), "--blocks", "0:1",
+       "--host", "127.0.0.1", "--port", port, "--initial-peers",
+       swarm_->peer()});
+  EXPECT_EQ(result.exit_code, 1);
+  EXPECT_NE(result.stderr_text.find("cannot listen on 127.0.0.1:" + port),
+            std::string::npos)
+      << result.stderr_text;
+  ExpectNodeServes();
+}
+
 TEST(NodeStartup, FailsClearlyOnMissingModel) {
   TempDir dir;
   const CommandResult result = RunCommand(

@@ -1,4 +1,5 @@
 #include "node/span_choice.h"
+#include "common/node_records.h"
 
 #include <gtest/gtest.h>
 
@@ -27,7 +28,7 @@ v1::NodeRecord Record(const std::string& node_id, int start, int end,
   return record;
 }
 
-TEST(SpansFromNodeRecords, KeepsNewestOnlineRecordPerNode) {
+TEST(SpansFromRecords, KeepsNewestOnlineRecordPerNode) {
   const std::vector<v1::NodeRecord> records = {
       Record("a", 0, 2, v1::NODE_STATE_ONLINE, 100),
       Record("a", 2, 4, v1::NODE_STATE_ONLINE, 200),
@@ -36,7 +37,7 @@ TEST(SpansFromNodeRecords, KeepsNewestOnlineRecordPerNode) {
       Record("c", 1, 3, v1::NODE_STATE_ONLINE, 100, "other-model"),
   };
   const std::vector<scheduler::ServerSpan> spans =
-      SpansFromNodeRecords(records, "m");
+      SpansFromRecords(records, "m");
   ASSERT_EQ(spans.size(), 1u);
   EXPECT_EQ(spans[0].node_id, "a");
   EXPECT_EQ(spans[0].start, 2);

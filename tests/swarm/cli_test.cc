@@ -180,6 +180,24 @@ TEST(Cli, SigtermWithdrawsNode) {
   }
 }
 
+TEST(Cli, HelpListsFlags) {
+  const CommandResult result = RunCommand({PollenBinary(), "--help"});
+  const std::string output = result.stdout_text + result.stderr_text;
+  EXPECT_NE(output.find("--max_new_tokens"), std::string::npos) << output;
+  EXPECT_NE(output.find("local-swarm"), std::string::npos) << output;
+}
+
+TEST_F(CliSwarmTest, FailedGeneratePrintsNothingOnStdout) {
+  std::vector<std::string> argv = ClientArgs("generate");
+  argv.insert(argv.end(), {"--prompt", "Hi", "--max-new-tokens", "0"});
+  const CommandResult result = RunCommand(argv);
+  EXPECT_EQ(result.exit_code, 1);
+  EXPECT_EQ(result.stdout_text, "");
+  EXPECT_NE(result.stderr_text.find("max_new_tokens must be at least 1"),
+            std::string::npos)
+      << result.stderr_text;
+}
+
 TEST(Cli, UnknownCommandShowsUsage) {
   const CommandResult result = RunCommand({PollenBinary(), "fly"});
   EXPECT_EQ(result.exit_code, 2);
