@@ -114,10 +114,16 @@ nlohmann::json DescribeModel(DhtRegistry& registry, const std::string& model_id,
 // One line per node: "name address blocks a:b state ...".
 void PrintNode(const nlohmann::json& node,
                const std::map<std::string, nlohmann::json>& nodes) {
+  // The name defaults to the address; print it once then, and always show
+  // the start of the node id, which tells apart nodes behind one address.
+  const std::string address = node["address"].get<std::string>();
+  const std::string name = node["name"].get<std::string>();
+  const std::string label =
+      name.empty() || name == address ? address : name + "  " + address;
   std::cout << absl::StrFormat(
       "    %s  %s  blocks %d:%d  %s  %d cache tokens left  %.1f steps/s, "
       "%.1f prefill tokens/s  %s %s  %.0fs ago\n",
-      node["name"].get<std::string>(), node["address"].get<std::string>(),
+      node["node_id"].get<std::string>().substr(0, 8), label,
       node["blocks"][0].get<int>(), node["blocks"][1].get<int>(),
       node["state"].get<std::string>(),
       node["cache_tokens_left"].get<int64_t>(),
