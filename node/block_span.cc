@@ -33,6 +33,22 @@ absl::Status CheckDtype(at::ScalarType dtype, const at::Device& device) {
   return absl::OkStatus();
 }
 
+// Returns the output `state` of blocks [from, to) on the device and in the
+// dtype of their input `hidden`.
+absl::StatusOr<at::Tensor> ToInputDtype(const at::Tensor& state,
+                                        const at::Tensor& hidden, int from,
+                                        int to) {
+  at::Tensor result;
+  POLLEN_RETURN_IF_ERROR(CatchTorchErrors(
+      absl::StrCat("converting the output of blocks [", from, ", ", to,
+                   ") back to ", c10::toString(hidden.scalar_type())),
+      [&] {
+        result = state.to(hidden.device(), hidden.scalar_type());
+        return absl::OkStatus();
+      }));
+  return result;
+}
+
 }  // namespace
 
 BlockSpan::BlockSpan(int start, int end, ModelConfig config,
@@ -231,15 +247,7 @@ absl::StatusOr<at::Tensor> BlockSpan::Forward(
         }));
   }
 
-  at::Tensor result;
-  POLLEN_RETURN_IF_ERROR(CatchTorchErrors(
-      absl::StrCat("converting the output of blocks [", from, ", ", to,
-                   ") back to ", c10::toString(hidden.scalar_type())),
-      [&] {
-        result = state.to(hidden.device(), hidden.scalar_type());
-        return absl::OkStatus();
-      }));
-  return result;
+  return ToInputDtype(state, hidden, from, to);
 }
 
 absl::StatusOr<at::Tensor> BlockSpan::ForwardNoCache(
@@ -294,15 +302,7 @@ absl::StatusOr<at::Tensor> BlockSpan::ForwardNoCache(
         }));
   }
 
-  at::Tensor result;
-  POLLEN_RETURN_IF_ERROR(CatchTorchErrors(
-      absl::StrCat("converting the output of blocks [", from, ", ", to,
-                   ") back to ", c10::toString(hidden.scalar_type())),
-      [&] {
-        result = state.to(hidden.device(), hidden.scalar_type());
-        return absl::OkStatus();
-      }));
-  return result;
+  return ToInputDtype(state, hidden, from, to);
 }
 
 }  // namespace pollen::node

@@ -102,23 +102,6 @@ std::optional<v1::NodeRecord> RecordOf(LocalSwarm& swarm,
   return std::nullopt;
 }
 
-std::string ReadLog(const std::string& path) {
-  std::ifstream file(path);
-  std::stringstream text;
-  text << file.rdbuf();
-  return text.str();
-}
-
-// Polls `condition` every 100 ms for up to `timeout`.
-template <typename Condition>
-bool Eventually(Condition condition, absl::Duration timeout) {
-  const absl::Time deadline = absl::Now() + timeout;
-  while (absl::Now() < deadline) {
-    if (condition()) return true;
-    absl::SleepFor(absl::Milliseconds(100));
-  }
-  return condition();
-}
 
 TEST(NodeMove, MoveBlocksKeepsOldSessionsDraining) {
   LocalSwarm swarm;
@@ -182,7 +165,7 @@ TEST(NodeMove, MoveBlocksKeepsOldSessionsDraining) {
   EXPECT_TRUE(old_session.Close().ok());
   EXPECT_TRUE(Eventually(
       [&] {
-        return ReadLog(node.process.log_path()).find("freed blocks 0:2") !=
+        return ReadFile(node.process.log_path()).find("freed blocks 0:2") !=
                std::string::npos;
       },
       absl::Seconds(10)))

@@ -17,13 +17,6 @@
 namespace pollen::testing {
 namespace {
 
-std::string ReadFile(const std::string& path) {
-  std::ifstream file(path);
-  std::stringstream content;
-  content << file.rdbuf();
-  return content.str();
-}
-
 std::string MakeWorkDir() {
   std::string pattern =
       (std::filesystem::temp_directory_path() / "pollen-swarm-test-XXXXXX").string();

@@ -5,6 +5,9 @@
 #include <string>
 #include <vector>
 
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+
 namespace pollen::testing {
 
 // Folder with models/ and tokenizers/ (POLLEN_SHARED_DIR at build time,
@@ -35,7 +38,23 @@ class TempDir {
   std::string path_;
 };
 
-// Returns a TCP port on 127.0.0.1 that was free when asked.
+// Returns a TCP port on 127.0.0.1 that was free when requested.
 int FreePort();
+
+// Returns the contents of the file at `path`, or "" when it cannot be read.
+std::string ReadFile(const std::string& path);
+
+// Polls `condition` every `interval` for up to `timeout`; returns whether it
+// became true.
+template <typename Condition>
+bool Eventually(Condition condition, absl::Duration timeout,
+                absl::Duration interval = absl::Milliseconds(100)) {
+  const absl::Time deadline = absl::Now() + timeout;
+  while (absl::Now() < deadline) {
+    if (condition()) return true;
+    absl::SleepFor(interval);
+  }
+  return condition();
+}
 
 }  // namespace pollen::testing

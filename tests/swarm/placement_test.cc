@@ -17,23 +17,6 @@
 namespace pollen::testing {
 namespace {
 
-std::string ReadFile(const std::string& path) {
-  std::ifstream file(path);
-  std::stringstream text;
-  text << file.rdbuf();
-  return text.str();
-}
-
-// Polls `condition` every 200 ms for up to `timeout`.
-template <typename Condition>
-bool Eventually(Condition condition, absl::Duration timeout) {
-  const absl::Time deadline = absl::Now() + timeout;
-  while (absl::Now() < deadline) {
-    if (condition()) return true;
-    absl::SleepFor(absl::Milliseconds(200));
-  }
-  return condition();
-}
 
 // The newest ONLINE record of the node named `name` among blocks [0, 5).
 std::optional<v1::NodeRecord> OnlineRecord(LocalSwarm& swarm,
