@@ -115,7 +115,7 @@ absl::StatusOr<GenerationResult> Client::Impl::Continue(
                        static_cast<int64_t>(input_ids.size());
   if (room < 1) {
     return absl::OutOfRangeError(absl::StrCat(
-        "the session holds ", chain.position(), " of ", max_length,
+        "the session contains ", chain.position(), " of ", max_length,
         " positions and cannot take ", input_ids.size(), " more tokens"));
   }
   const int max_new_tokens =

@@ -126,9 +126,8 @@ class InferenceChain::HopStream {
       context_.TryCancel();
       return;
     }
-    // Half-close, then collect the status, so that the node sees a clean end
-    // of stream and frees the session at once. A node that died is not
-    // waited for.
+    // Half-close, then collect the status, so that the node reads a clean
+    // end of stream and frees the session at once. A dead node gets 5 s.
     context_.set_deadline(std::chrono::system_clock::now() +
                           std::chrono::seconds(5));
     stream_->WritesDone();
@@ -143,7 +142,7 @@ class InferenceChain::HopStream {
 
  private:
   // Writes one request and reads its response within `timeout`. On failure
-  // it fetches the node's status so that the error says why.
+  // it fetches the node's status, so that the error contains the reason.
   absl::Status Exchange(const v1::InferenceRequest& request,
                         v1::InferenceResponse* response,
                         absl::Duration timeout) {
@@ -192,9 +191,9 @@ class InferenceChain::HopStream {
 struct InferenceChain::Hop {
   scheduler::RouteHop route_hop;
   std::unique_ptr<HopStream> stream;  // null until opened
-  // Hidden states sent to this hop, one tensor per completed step (or one
-  // for a replay), [batch, tokens, hidden] each; together they cover
-  // positions [0, position_).
+  // Hidden states sent to this hop: one [batch, tokens, hidden] tensor per
+  // completed step, or one for a replay. Together they cover positions
+  // [0, position_).
   std::vector<at::Tensor> inputs;
   bool draining = false;
 };

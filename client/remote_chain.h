@@ -2,7 +2,7 @@
 // Inference stream per hop, and survives the failure of any node.
 //
 // The chain keeps, for every hop, the hidden states it has sent. When a
-// node fails (or announces that it is draining), the chain asks for other
+// node fails (or announces that it is draining), the chain requests other
 // nodes covering that hop's blocks, replays the kept inputs so that they
 // rebuild the KV cache, and carries on. Because the replacements compute the
 // same function of the same inputs, the outputs are the ones a chain with no

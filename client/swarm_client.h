@@ -28,10 +28,10 @@ class SwarmClient {
       const std::vector<std::string>& initial_peers);
 
   // Returns the route over blocks [start, end) of `model_id` with the
-  // lowest expected step latency (network time measured by pinging the
-  // candidates, plus compute time from announced throughput) that avoids
-  // banned nodes and `route_options.excluded_nodes`, and whose nodes can
-  // still reserve `tokens_needed` cache tokens. Polls the DHT until every
+  // lowest expected step latency: network time measured by pinging the
+  // candidates plus compute time from announced throughput. The route
+  // avoids banned nodes and `route_options.excluded_nodes`, and its nodes
+  // can still reserve `tokens_needed` cache tokens. Polls the DHT until every
   // block is served or `wait` has passed; the error then names the blocks
   // nobody serves.
   absl::StatusOr<std::vector<scheduler::RouteHop>> FindRoute(

@@ -10,7 +10,7 @@ std::string DefaultModelId(const std::string& model_dir) {
   const std::filesystem::path canonical =
       std::filesystem::weakly_canonical(path, error);
   if (!error) path = canonical;
-  // A trailing slash leaves an empty filename; its parent holds the name.
+  // A trailing slash leaves an empty filename, so the parent has the name.
   if (path.filename().empty()) path = path.parent_path();
   return path.filename().string();
 }

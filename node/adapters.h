@@ -70,7 +70,7 @@ std::map<int, BlockAdapter> AdaptersTo(
     const std::map<int, BlockAdapter>& adapters, at::ScalarType dtype,
     at::Device device);
 
-// What RunBackward returns.
+// Gradients returned by RunBackward.
 struct BackwardResult {
   at::Tensor grad_inputs;  // [batch, seq, hidden], dtype and device of inputs
   // Same blocks, targets and defined tensors as the adapters passed in, each

@@ -58,7 +58,7 @@ using MoveFunction = std::function<void(
     int start, int end,
     std::function<void(absl::StatusOr<v1::BlockRange>)> done)>;
 
-// What the service needs from the node. The node sets every field before
+// State the service reads from the node. The node sets every field before
 // the server starts, except `draining`; everything referred to must outlive
 // the service.
 struct ServiceContext {

@@ -167,7 +167,7 @@ absl::Status InferenceReactor::HandleStep(const v1::InferenceStep& step) {
   const SessionRequest& request = session_->request;
   if (!step.session_id().empty() && step.session_id() != request.session_id) {
     return absl::NotFoundError(absl::StrCat(
-        "session '", step.session_id(), "' is not open on this stream (it holds '",
+        "session '", step.session_id(), "' is not open on this stream (it carries '",
         request.session_id, "')"));
   }
 

@@ -1,5 +1,5 @@
 // A Pollen node: serves a span of blocks over gRPC and announces it in the
-// DHT until it is told to stop.
+// DHT until it receives SIGINT or SIGTERM.
 #pragma once
 
 #include <cstdint>
@@ -44,8 +44,8 @@ struct NodeOptions {
   int dht_port = 0;
   // DHT peers to join ("host:port"); empty starts a new swarm.
   std::vector<std::string> initial_peers;
-  // Where the node's signing identity is kept; created on first start.
-  // Empty means a new identity on every start.
+  // File of the node's signing identity, created on first start. Empty
+  // means a new identity on every start.
   std::string identity_path;
   // Name shown by `pollen status`; defaults to the announced address.
   std::string public_name;

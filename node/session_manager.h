@@ -19,7 +19,7 @@ namespace pollen::node {
 
 class BlockSpan;
 
-// What a client asks for when it opens a session.
+// Parameters a client requests when it opens a session.
 struct SessionRequest {
   std::string session_id;
   int from = 0;  // first block, absolute index

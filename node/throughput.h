@@ -1,4 +1,4 @@
-// How fast this node runs one block: measured at start, cached in a JSON
+// Throughput of this node on one block: measured at start, cached in a JSON
 // file per model, block shape, device and dtype, and announced in the DHT.
 #pragma once
 

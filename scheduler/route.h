@@ -1,7 +1,7 @@
 // Choice of a chain of nodes that together run blocks [start, end).
 //
 // Pure functions over announced spans: no networking, no clocks. The client
-// turns DHT records into ServerSpans and asks for a route.
+// turns DHT records into ServerSpans and requests a route.
 #pragma once
 
 #include <map>

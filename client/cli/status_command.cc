@@ -114,8 +114,8 @@ nlohmann::json DescribeModel(DhtRegistry& registry, const std::string& model_id,
 // One line per node: "name address blocks a:b state ...".
 void PrintNode(const nlohmann::json& node,
                const std::map<std::string, nlohmann::json>& nodes) {
-  // The name defaults to the address; print it once then, and always show
-  // the start of the node id, which tells apart nodes behind one address.
+  // The name defaults to the address, so print the address once then. The
+  // node id prefix distinguishes nodes behind one address.
   const std::string address = node["address"].get<std::string>();
   const std::string name = node["name"].get<std::string>();
   const std::string label =
@@ -200,7 +200,8 @@ int RunStatusCommand(const StatusCommandOptions& options) {
     return 1;
   }
 
-  // The index holds one record per node; a model's size is in each.
+  // The index contains one record per node, and each carries its model's
+  // block count.
   std::map<std::string, int> models;
   for (const v1::NodeRecord& record : *index) {
     int& num_blocks = models[record.model_id()];

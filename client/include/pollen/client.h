@@ -32,7 +32,7 @@
 
 namespace pollen {
 
-// How the next token is picked from the logits.
+// Settings that pick the next token from the logits.
 struct SamplingOptions {
   // 0 picks the most likely token (greedy); larger values flatten the
   // distribution.
