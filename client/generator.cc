@@ -1,5 +1,6 @@
 // Client and ChatSession: tokenize, embed, run the chain, sample.
 #include <chrono>
+#include <optional>
 #include <utility>
 
 #include <ATen/ATen.h>
@@ -11,6 +12,7 @@
 #include "client/swarm_client.h"
 #include "client/text_stream.h"
 #include "client/tokenizer.h"
+#include "client/training/adapter_set.h"
 #include "common/checkpoint.h"
 #include "common/logging.h"
 #include "common/model_id.h"
@@ -30,8 +32,24 @@ class Client::Impl {
   std::unique_ptr<client::Tokenizer> tokenizer;
   std::unique_ptr<client::SwarmClient> swarm;
   client::ChannelPool channels;
+  // The adapter of options.adapter_dir, or none.
+  std::optional<client::AdapterSet> adapters;
+  // Its LoRA weights and deep prompts, sent when a session opens.
+  std::vector<v1::BlockAdapters> block_adapters;
 
   const ModelConfig& config() const { return checkpoint->config(); }
+
+  // Positions an adapter's prompt takes before the first token.
+  int64_t prefix_length() const {
+    return adapters.has_value() ? adapters->PrefixLength() : 0;
+  }
+
+  // Loads options.adapter_dir into `adapters` and `block_adapters`.
+  absl::Status LoadAdapter();
+
+  // Embeds `ids` [1, n] and, for the first feed of a session, prepends the
+  // adapter's prompt: returns [1, prefix + n, hidden].
+  at::Tensor EmbedInput(const std::vector<int>& ids, bool first_feed) const;
 
   // Finds a route and opens a session of `max_length` positions on it.
   absl::StatusOr<std::unique_ptr<InferenceChain>> OpenChain(int64_t max_length) {
@@ -44,6 +62,7 @@ class Client::Impl {
     chain_options.model_id = model_id;
     chain_options.max_length = max_length;
     chain_options.step_timeout = options.step_timeout;
+    chain_options.adapters = block_adapters;
     chain_options.reroute = [this, max_length](
                                 int start, int end,
                                 const std::set<std::string>& excluded) {
@@ -98,6 +117,40 @@ at::Tensor IdsToTensor(const std::vector<int>& ids) {
 
 }  // namespace
 
+absl::Status Client::Impl::LoadAdapter() {
+  POLLEN_ASSIGN_OR_RETURN(
+      client::AdapterSet loaded,
+      client::LoadAdapters(options.adapter_dir, config(), at::kCPU));
+  google::protobuf::RepeatedPtrField<v1::BlockAdapters> protos;
+  POLLEN_RETURN_IF_ERROR(client::AppendBlockAdapters(
+      loaded, 0, static_cast<int>(config().num_hidden_layers), &protos));
+  block_adapters.assign(protos.begin(), protos.end());
+  if (loaded.lm_head.defined()) {
+    POLLEN_RETURN_IF_ERROR(CatchTorchErrors("loading the adapter's head", [&] {
+      head = client::ModelHead::WithHead(*head, loaded.norm, loaded.lm_head);
+      return absl::OkStatus();
+    }));
+  }
+  POLLEN_LOG_INFO("using {} adapter from {} ({} prompt positions, {} blocks "
+                  "with node-side weights, {} head)",
+                  client::AdapterMethodName(loaded.config.method),
+                  options.adapter_dir, loaded.PrefixLength(),
+                  block_adapters.size(),
+                  loaded.lm_head.defined() ? "trained" : "checkpoint");
+  adapters = std::move(loaded);
+  return absl::OkStatus();
+}
+
+at::Tensor Client::Impl::EmbedInput(const std::vector<int>& ids,
+                                    bool first_feed) const {
+  const at::Tensor embedded = head->Embed(IdsToTensor(ids));
+  if (!first_feed || prefix_length() == 0) return embedded;
+  const at::Tensor prompt =
+      adapters->prompt.to(embedded.device(), embedded.scalar_type())
+          .unsqueeze(0);
+  return at::cat({prompt, embedded}, 1);
+}
+
 absl::StatusOr<GenerationResult> Client::Impl::Continue(
     InferenceChain& chain, std::vector<int>& history,
     const std::vector<int>& input_ids, int64_t max_length,
@@ -111,7 +164,8 @@ absl::StatusOr<GenerationResult> Client::Impl::Continue(
   if (input_ids.empty()) {
     return absl::InvalidArgumentError("nothing to feed: the input has no tokens");
   }
-  const int64_t room = max_length - chain.position() -
+  const int64_t prompt_positions = chain.position() == 0 ? prefix_length() : 0;
+  const int64_t room = max_length - chain.position() - prompt_positions -
                        static_cast<int64_t>(input_ids.size());
   if (room < 1) {
     return absl::OutOfRangeError(absl::StrCat(
@@ -136,7 +190,8 @@ absl::StatusOr<GenerationResult> Client::Impl::Continue(
     // Run the new tokens through the swarm and take the last position.
     at::Tensor logits;
     POLLEN_RETURN_IF_ERROR(CatchTorchErrors("embedding the input", [&]() {
-      const at::Tensor hidden = head->Embed(IdsToTensor(to_feed));
+      const at::Tensor hidden =
+          EmbedInput(to_feed, /*first_feed=*/chain.position() == 0);
       auto output = chain.Step(hidden);
       if (!output.ok()) return output.status();
       logits = head->Logits(output->slice(1, -1))[0][0];
@@ -185,6 +240,9 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(
   POLLEN_ASSIGN_OR_RETURN(
       impl->tokenizer,
       client::Tokenizer::Load(options.model_dir + "/tokenizer.model"));
+  if (!options.adapter_dir.empty()) {
+    POLLEN_RETURN_IF_ERROR(impl->LoadAdapter());
+  }
   POLLEN_ASSIGN_OR_RETURN(impl->swarm,
                           client::SwarmClient::Connect(options.initial_peers));
   POLLEN_LOG_INFO("client for {} joined the swarm through {} peer(s)",
@@ -211,12 +269,16 @@ absl::StatusOr<GenerationResult> Client::GenerateFromIds(
         "max_new_tokens must be at least 1, got ", options.max_new_tokens));
   }
   const int64_t limit = impl_->config().max_position_embeddings;
+  const int64_t prefix = impl_->prefix_length();
   const int64_t max_length =
-      static_cast<int64_t>(prompt_ids.size()) + options.max_new_tokens;
+      prefix + static_cast<int64_t>(prompt_ids.size()) + options.max_new_tokens;
   if (max_length > limit) {
     return absl::InvalidArgumentError(absl::StrCat(
         "prompt of ", prompt_ids.size(), " tokens plus ", options.max_new_tokens,
-        " new tokens exceeds the model's ", limit, " positions"));
+        " new tokens", prefix > 0 ? absl::StrCat(" plus the adapter's ", prefix,
+                                                 " prompt positions")
+                                  : "",
+        " exceeds the model's ", limit, " positions"));
   }
   POLLEN_ASSIGN_OR_RETURN(std::unique_ptr<InferenceChain> chain,
                           impl_->OpenChain(max_length));
@@ -239,17 +301,22 @@ ChatSession::ChatSession(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 ChatSession::~ChatSession() = default;
 
 absl::StatusOr<std::unique_ptr<ChatSession>> Client::StartChat(int max_length) {
-  const int64_t limit = impl_->config().max_position_embeddings;
+  // The adapter's prompt positions come on top of the conversation's.
+  const int64_t prefix = impl_->prefix_length();
+  const int64_t limit = impl_->config().max_position_embeddings - prefix;
   if (max_length == 0) max_length = static_cast<int>(limit);
   if (max_length < 2 || max_length > limit) {
     return absl::InvalidArgumentError(absl::StrCat(
         "chat max_length ", max_length, " is outside 2..", limit,
-        " (the model's positions)"));
+        " (the model's positions",
+        prefix > 0 ? absl::StrCat(" less the adapter's ", prefix, " prompt positions")
+                   : "",
+        ")"));
   }
   auto session = std::make_unique<ChatSession::Impl>();
   session->client = impl_.get();
-  session->max_length = max_length;
-  POLLEN_ASSIGN_OR_RETURN(session->chain, impl_->OpenChain(max_length));
+  session->max_length = prefix + max_length;
+  POLLEN_ASSIGN_OR_RETURN(session->chain, impl_->OpenChain(session->max_length));
   return std::unique_ptr<ChatSession>(new ChatSession(std::move(session)));
 }
 

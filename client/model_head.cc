@@ -50,6 +50,23 @@ at::Tensor ModelHead::Embed(const at::Tensor& token_ids) const {
   return at::embedding(embed_tokens_, token_ids.to(device(), at::kLong));
 }
 
+std::unique_ptr<ModelHead> ModelHead::WithHead(const ModelHead& base,
+                                               const at::Tensor& norm,
+                                               const at::Tensor& lm_head) {
+  const int64_t hidden = base.config_.hidden_size;
+  TORCH_CHECK(norm.dim() == 1 && norm.size(0) == hidden,
+              "adapter norm has shape ", norm.sizes(), ", expected [", hidden,
+              "]");
+  TORCH_CHECK(lm_head.sizes() == base.lm_head_.sizes(),
+              "adapter lm_head has shape ", lm_head.sizes(), ", expected ",
+              base.lm_head_.sizes());
+  const auto convert = [&](const at::Tensor& tensor) {
+    return tensor.detach().to(base.device(), base.dtype()).contiguous();
+  };
+  return std::unique_ptr<ModelHead>(new ModelHead(
+      base.config_, base.embed_tokens_, convert(norm), convert(lm_head)));
+}
+
 at::Tensor ModelHead::Logits(const at::Tensor& hidden) const {
   at::NoGradGuard no_grad;
   TORCH_CHECK(hidden.dim() >= 1 && hidden.size(-1) == config_.hidden_size,

@@ -24,6 +24,14 @@ class ModelHead {
   static absl::StatusOr<std::unique_ptr<ModelHead>> Load(
       const Checkpoint& checkpoint, at::ScalarType dtype, at::Device device);
 
+  // Returns a head with the embeddings of `base` but another final norm
+  // [hidden] and LM head [vocab, hidden], converted to base's dtype and
+  // device; for adapters that train them. Throws c10::Error when a shape
+  // differs.
+  static std::unique_ptr<ModelHead> WithHead(const ModelHead& base,
+                                             const at::Tensor& norm,
+                                             const at::Tensor& lm_head);
+
   ModelHead(const ModelHead&) = delete;
   ModelHead& operator=(const ModelHead&) = delete;
 

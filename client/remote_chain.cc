@@ -96,6 +96,12 @@ class InferenceChain::HopStream {
     open->set_max_length(static_cast<uint32_t>(options.max_length));
     open->set_session_id(session_id);
     open->set_batch_size(static_cast<uint32_t>(options.batch_size));
+    for (const v1::BlockAdapters& adapter : options.adapters) {
+      if (static_cast<int>(adapter.block()) >= hop_.start &&
+          static_cast<int>(adapter.block()) < hop_.end) {
+        *open->add_adapters() = adapter;
+      }
+    }
     v1::InferenceResponse response;
     return Exchange(request, &response, timeout);
   }

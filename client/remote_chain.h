@@ -56,6 +56,9 @@ struct ChainOptions {
   std::function<void(const std::string& node_id)> on_node_failure;
   // Replacements tried for one step before giving up.
   int max_failovers_per_step = 8;
+  // Per-block LoRA weights and deep prompts; each hop's InferenceOpen
+  // carries the entries of its blocks, also when a failover reopens it.
+  std::vector<v1::BlockAdapters> adapters;
 };
 
 // True for errors after which another node may succeed: the node is gone,

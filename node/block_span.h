@@ -66,7 +66,7 @@ class BlockSpan {
   // naming the block and shapes when libtorch fails.
   //
   // `adapters`, when not null, maps absolute block indices to LoRA updates
-  // applied to those blocks; prompts are ignored.
+  // and deep prompts applied to those blocks, as LlamaBlock::Forward does.
   absl::StatusOr<at::Tensor> Forward(
       const at::Tensor& hidden, std::vector<LayerKvCache>& cache,
       int64_t position, int from, int to,

@@ -132,19 +132,13 @@ absl::Status InferenceReactor::HandleOpen(const v1::InferenceOpen& open) {
   request.batch_size = open.batch_size() == 0 ? 1 : open.batch_size();
   request.max_length = open.max_length();
 
-  // LoRA adapters, checked once here and applied on every step.
+  // LoRA weights and deep prompts, checked once here and applied on every
+  // step; a deep prompt is added to positions [0, prefix_len) only.
   std::map<int, BlockAdapter> adapters;
   POLLEN_ASSIGN_OR_RETURN(
       adapters,
       AdaptersFromProto(open.adapters(), context_->config, request.from,
                         request.to, request.batch_size, request.max_length));
-  for (const auto& [block, adapter] : adapters) {
-    if (adapter.prompt.defined()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "InferenceOpen adapters carry LoRA weights only, but block ", block,
-          " has a prompt; add prompts to the hidden states instead"));
-    }
-  }
   POLLEN_RETURN_IF_ERROR(CatchTorchErrors(
       absl::StrCat("moving the adapters of session '", request.session_id,
                    "' to ", span->device().str()),

@@ -176,7 +176,23 @@ at::Tensor LlamaBlock::RmsNorm(const at::Tensor& x,
 at::Tensor LlamaBlock::Forward(const at::Tensor& hidden, LayerKvCache& cache,
                                int64_t position,
                                const BlockAdapter* adapter) const {
-  return Run(hidden, &cache, position, adapter);
+  const int64_t prefix =
+      adapter != nullptr && adapter->prompt.defined() ? adapter->prompt.size(1)
+                                                      : 0;
+  if (position >= prefix) return Run(hidden, &cache, position, adapter);
+  TORCH_CHECK(hidden.dim() == 3, "block ", block_index_,
+              ": hidden states have shape ", hidden.sizes(),
+              ", expected [batch, new_tokens, ", hidden_size_, "]");
+
+  // Deep prompt: the new tokens that fall in [position, prefix) get their
+  // prompt rows added, out of place.
+  const int64_t overlap = std::min(prefix - position, hidden.size(1));
+  const at::Tensor prompt =
+      adapter->prompt.narrow(1, position, overlap)
+          .to(hidden.device(), hidden.scalar_type());
+  at::Tensor prompted = hidden.clone();
+  prompted.narrow(1, 0, overlap).add_(prompt);
+  return Run(prompted, &cache, position, adapter);
 }
 
 at::Tensor LlamaBlock::ForwardNoCache(const at::Tensor& hidden,

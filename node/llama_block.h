@@ -87,8 +87,9 @@ class LlamaBlock {
   // Throws c10::Error when dtypes, devices or shapes disagree, or when
   // position + new_tokens exceeds the cache length or the rotary table.
   //
-  // `adapter`, when not null, adds its LoRA updates to the projections; its
-  // prompt is ignored here.
+  // `adapter`, when not null, adds its LoRA updates to the projections, and
+  // its prompt [batch or 1, prefix_len, hidden_size] to the new tokens at
+  // positions below prefix_len, as ForwardNoCache does for a whole sequence.
   at::Tensor Forward(const at::Tensor& hidden, LayerKvCache& cache,
                      int64_t position,
                      const BlockAdapter* adapter = nullptr) const;

@@ -53,6 +53,7 @@ ABSL_FLAG(int, max_length, 0, "chat: tokens the whole conversation may use; 0 me
 ABSL_FLAG(int, discovery_wait_s, 30, "Seconds to wait for nodes covering every block");
 ABSL_FLAG(int, step_timeout_s, 60, "Seconds one step through one node may take");
 ABSL_FLAG(bool, json, false, "Print JSON instead of text");
+ABSL_FLAG(std::string, adapter, "", "generate, chat, local-swarm: adapter folder written by `pollen finetune` to run the model with");
 
 // pollen local-swarm.
 ABSL_FLAG(int, nodes, 2, "local-swarm: number of node processes");
@@ -72,6 +73,7 @@ ABSL_FLAG(bool, resume, false, "finetune: continue from the adapter and optimize
 ABSL_FLAG(int, lora_rank, 8, "finetune: LoRA rank r");
 ABSL_FLAG(double, lora_alpha, 16, "finetune: LoRA alpha; updates are scaled by alpha / r");
 ABSL_FLAG(std::string, lora_targets, "q_proj,v_proj", "finetune: comma-separated projections LoRA adapts, among q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj");
+ABSL_FLAG(bool, train_head, false, "finetune: also train the final norm and LM head on this machine (saved in the adapter)");
 ABSL_FLAG(int, prefix_length, 16, "finetune: trainable positions of prompt and deep-prompt tuning");
 
 ABSL_FLAG(std::string, log_level, "", "Log level: trace, debug, info, warn, error; default info for node, warn for other commands");
@@ -86,7 +88,7 @@ Commands:
   node         serve blocks of a model to the swarm
                  pollen node --model DIR [--blocks A:B | --num-blocks N] --port P [--initial-peers HOST:PORT]
   generate     generate text through the swarm
-                 pollen generate --model DIR --initial-peers HOST:PORT --prompt TEXT
+                 pollen generate --model DIR --initial-peers HOST:PORT --prompt TEXT [--adapter DIR]
   chat         one user turn per input line, in one session
   status       show what the swarm serves, block by block
                  pollen status --initial-peers HOST:PORT [--json]
@@ -114,6 +116,7 @@ pollen::cli::GenerateCommandOptions GenerateOptionsFromFlags() {
   options.client.initial_peers = SplitPeers(absl::GetFlag(FLAGS_initial_peers));
   options.client.discovery_wait = absl::Seconds(absl::GetFlag(FLAGS_discovery_wait_s));
   options.client.step_timeout = absl::Seconds(absl::GetFlag(FLAGS_step_timeout_s));
+  options.client.adapter_dir = absl::GetFlag(FLAGS_adapter);
   options.prompt = absl::GetFlag(FLAGS_prompt);
   options.generation.max_new_tokens = absl::GetFlag(FLAGS_max_new_tokens);
   options.generation.sampling.temperature =
@@ -204,6 +207,7 @@ int RunFinetune() {
   // Method and its sizes.
   finetune.adapter.method = *method;
   finetune.adapter.prefix_length = absl::GetFlag(FLAGS_prefix_length);
+  finetune.adapter.train_head = absl::GetFlag(FLAGS_train_head);
   finetune.adapter.lora_rank = absl::GetFlag(FLAGS_lora_rank);
   finetune.adapter.lora_alpha = static_cast<float>(absl::GetFlag(FLAGS_lora_alpha));
   finetune.adapter.lora_targets = SplitPeers(absl::GetFlag(FLAGS_lora_targets));

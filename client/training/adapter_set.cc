@@ -1,5 +1,6 @@
 #include "client/training/adapter_set.h"
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -13,6 +14,7 @@
 #include "absl/strings/str_join.h"
 #include "common/safetensors.h"
 #include "common/status_util.h"
+#include "common/tensor_codec.h"
 
 namespace pollen::client {
 namespace {
@@ -21,6 +23,8 @@ constexpr char kConfigFile[] = "adapter_config.json";
 constexpr char kWeightsFile[] = "adapter_model.safetensors";
 constexpr char kPromptName[] = "prompt_embeddings";
 constexpr char kDeepPromptName[] = "deep_prompt_embeddings";
+constexpr char kNormName[] = "base_model.model.model.norm.weight";
+constexpr char kLmHeadName[] = "base_model.model.lm_head.weight";
 
 const std::vector<std::string>& AllTargets() {
   static const auto* targets = new std::vector<std::string>{
@@ -113,7 +117,38 @@ std::vector<at::Tensor> AdapterSet::Parameters() const {
       parameters.push_back(pair.b);
     }
   }
+  if (norm.defined()) parameters.push_back(norm);
+  if (lm_head.defined()) parameters.push_back(lm_head);
   return parameters;
+}
+
+absl::Status AppendBlockAdapters(
+    const AdapterSet& adapters, int start, int end,
+    google::protobuf::RepeatedPtrField<v1::BlockAdapters>* out) {
+  for (int block = start; block < end; ++block) {
+    const auto lora = adapters.lora.find(block);
+    if (!adapters.deep_prompt.defined() && lora == adapters.lora.end()) {
+      continue;
+    }
+    v1::BlockAdapters* proto = out->Add();
+    proto->set_block(static_cast<uint32_t>(block));
+    if (adapters.deep_prompt.defined()) {
+      POLLEN_RETURN_IF_ERROR(TensorToProto(
+          adapters.deep_prompt[block].detach().unsqueeze(0).contiguous(),
+          proto->mutable_prompt()));
+    }
+    if (lora == adapters.lora.end()) continue;
+    for (const auto& [target, pair] : lora->second) {
+      v1::LoraWeights* weights = proto->add_lora();
+      weights->set_target(target);
+      POLLEN_RETURN_IF_ERROR(
+          TensorToProto(pair.a.detach().contiguous(), weights->mutable_a()));
+      POLLEN_RETURN_IF_ERROR(
+          TensorToProto(pair.b.detach().contiguous(), weights->mutable_b()));
+      weights->set_scaling(adapters.LoraScaling());
+    }
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::pair<int64_t, int64_t>> ProjectionShape(
@@ -183,6 +218,17 @@ absl::StatusOr<AdapterSet> InitAdapters(const AdapterConfig& config,
   return adapters;
 }
 
+void InitTrainableHead(const at::Tensor& norm, const at::Tensor& lm_head,
+                       AdapterSet* adapters) {
+  const std::vector<at::Tensor> others = adapters->Parameters();
+  const at::Device device =
+      others.empty() ? norm.device() : others.front().device();
+  adapters->norm =
+      norm.detach().to(device, at::kFloat).clone().set_requires_grad(true);
+  adapters->lm_head =
+      lm_head.detach().to(device, at::kFloat).clone().set_requires_grad(true);
+}
+
 absl::Status SaveAdapters(const AdapterSet& adapters, const std::string& dir) {
   std::error_code error;
   std::filesystem::create_directories(dir, error);
@@ -207,6 +253,12 @@ absl::Status SaveAdapters(const AdapterSet& adapters, const std::string& dir) {
       tensors.emplace_back(LoraTensorName(block, target, "lora_B"),
                            pair.b.detach().cpu());
     }
+  }
+  if (adapters.norm.defined()) {
+    tensors.emplace_back(kNormName, adapters.norm.detach().cpu());
+  }
+  if (adapters.lm_head.defined()) {
+    tensors.emplace_back(kLmHeadName, adapters.lm_head.detach().cpu());
   }
   POLLEN_RETURN_IF_ERROR(CatchTorchErrors("writing adapter tensors", [&] {
     return WriteSafetensors(
@@ -235,6 +287,8 @@ absl::Status SaveAdapters(const AdapterSet& adapters, const std::string& dir) {
     json["token_dim"] = adapters.prompt.size(1);
     json["prompt_tuning_init"] = "RANDOM";
   }
+  json["modules_to_save"] =
+      config.train_head ? nlohmann::json({"lm_head", "norm"}) : nlohmann::json();
   const std::string config_path =
       (std::filesystem::path(dir) / kConfigFile).string();
   std::ofstream out(config_path);
@@ -279,6 +333,19 @@ absl::StatusOr<AdapterSet> LoadAdapters(const std::string& dir,
           config_path, ": unsupported peft_type '", peft_type,
           "'; expected LORA, PROMPT_TUNING or POLLEN_DEEP_PROMPT_TUNING"));
     }
+    const auto modules = json.find("modules_to_save");
+    if (modules != json.end() && !modules->is_null()) {
+      const auto names = modules->get<std::vector<std::string>>();
+      const bool norm = std::count(names.begin(), names.end(), "norm") > 0;
+      const bool lm_head =
+          std::count(names.begin(), names.end(), "lm_head") > 0;
+      if (norm != lm_head || names.size() != (norm ? 2u : 0u)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            config_path, ": modules_to_save is [", absl::StrJoin(names, ","),
+            "], but Pollen trains only both of lm_head and norm, or none"));
+      }
+      config.train_head = norm;
+    }
   } catch (const nlohmann::json::exception& e) {
     return absl::InvalidArgumentError(
         absl::StrCat("invalid adapter config ", config_path, ": ", e.what()));
@@ -318,6 +385,13 @@ absl::StatusOr<AdapterSet> LoadAdapters(const std::string& dir,
           adapters.lora[block][target] = std::move(pair);
         }
       }
+    }
+    if (config.train_head) {
+      POLLEN_ASSIGN_OR_RETURN(adapters.norm,
+                              ReadTensor(*file, kNormName, {hidden}, device));
+      POLLEN_ASSIGN_OR_RETURN(
+          adapters.lm_head,
+          ReadTensor(*file, kLmHeadName, {model.vocab_size, hidden}, device));
     }
     return absl::OkStatus();
   });

@@ -12,6 +12,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "common/model_config.h"
+#include "pollen/v1/pollen.pb.h"
 
 namespace pollen::client {
 
@@ -30,6 +31,9 @@ struct AdapterConfig {
   int lora_rank = 8;
   float lora_alpha = 16;
   std::vector<std::string> lora_targets = {"q_proj", "v_proj"};
+  // Also trains copies of the final norm and the LM head on the client, with
+  // any method. Saved as PEFT modules_to_save ("norm", "lm_head").
+  bool train_head = false;
   // Written as base_model_name_or_path.
   std::string base_model;
 };
@@ -52,6 +56,10 @@ struct AdapterSet {
   at::Tensor deep_prompt;
   // LoRA: block index -> target ("q_proj", ...) -> pair.
   std::map<int, std::map<std::string, LoraPair>> lora;
+  // With config.train_head: the final norm [hidden] and LM head [vocab,
+  // hidden] that replace the checkpoint's. Undefined otherwise.
+  at::Tensor norm;
+  at::Tensor lm_head;
 
   // Number of positions added before the input tokens.
   int64_t PrefixLength() const;
@@ -60,6 +68,14 @@ struct AdapterSet {
   // All trainable tensors, in a fixed order.
   std::vector<at::Tensor> Parameters() const;
 };
+
+// Appends the adapters of blocks [start, end) to `out` in wire form: one
+// BlockAdapters per block that has a deep prompt row ([1, prefix_length,
+// hidden]) or LoRA pairs. Prompt tuning's input prompt is not included,
+// because the client prepends it to the embeddings itself.
+absl::Status AppendBlockAdapters(
+    const AdapterSet& adapters, int start, int end,
+    google::protobuf::RepeatedPtrField<v1::BlockAdapters>* out);
 
 // The input and output widths of a Llama projection ("q_proj", ...), or
 // INVALID_ARGUMENT naming the target and the valid ones.
@@ -76,11 +92,19 @@ absl::StatusOr<AdapterSet> InitAdapters(const AdapterConfig& config,
                                         const at::Tensor& embed_tokens,
                                         at::Device device);
 
+// Sets adapters->norm and adapters->lm_head to trainable float32 copies of
+// the checkpoint's `norm` [hidden] and `lm_head` [vocab, hidden], on the
+// device of the adapters' other tensors (or `norm`'s when there are none).
+void InitTrainableHead(const at::Tensor& norm, const at::Tensor& lm_head,
+                       AdapterSet* adapters);
+
 // Writes DIR/adapter_model.safetensors and DIR/adapter_config.json,
 // creating DIR. LoRA tensors use PEFT names
 // (base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight, mlp.* for
-// gate/up/down), prompts use PEFT's "prompt_embeddings" and deep prompts the
-// Pollen name "deep_prompt_embeddings".
+// gate/up/down), prompts use PEFT's "prompt_embeddings", deep prompts the
+// Pollen name "deep_prompt_embeddings", and a trained head PEFT's
+// modules_to_save names (base_model.model.model.norm.weight,
+// base_model.model.lm_head.weight).
 absl::Status SaveAdapters(const AdapterSet& adapters, const std::string& dir);
 
 // Reads what SaveAdapters writes, as float32 on `device`. Returns NOT_FOUND

@@ -136,29 +136,8 @@ absl::StatusOr<v1::ForwardRequest> RemoteBlocks::MakeRequest(
   request.mutable_blocks()->set_end(hop.end);
   POLLEN_RETURN_IF_ERROR(
       TensorToProto(input.detach().contiguous(), request.mutable_hidden_states()));
-  for (int block = hop.start; block < hop.end; ++block) {
-    const auto lora = adapters.lora.find(block);
-    if (!adapters.deep_prompt.defined() && lora == adapters.lora.end()) {
-      continue;
-    }
-    v1::BlockAdapters* proto = request.add_adapters();
-    proto->set_block(static_cast<uint32_t>(block));
-    if (adapters.deep_prompt.defined()) {
-      POLLEN_RETURN_IF_ERROR(TensorToProto(
-          adapters.deep_prompt[block].detach().unsqueeze(0).contiguous(),
-          proto->mutable_prompt()));
-    }
-    if (lora == adapters.lora.end()) continue;
-    for (const auto& [target, pair] : lora->second) {
-      v1::LoraWeights* weights = proto->add_lora();
-      weights->set_target(target);
-      POLLEN_RETURN_IF_ERROR(
-          TensorToProto(pair.a.detach().contiguous(), weights->mutable_a()));
-      POLLEN_RETURN_IF_ERROR(
-          TensorToProto(pair.b.detach().contiguous(), weights->mutable_b()));
-      weights->set_scaling(adapters.LoraScaling());
-    }
-  }
+  POLLEN_RETURN_IF_ERROR(AppendBlockAdapters(adapters, hop.start, hop.end,
+                                             request.mutable_adapters()));
   return request;
 }
 

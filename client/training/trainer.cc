@@ -141,6 +141,9 @@ absl::StatusOr<FinetuneResult> RunFinetune(
     POLLEN_ASSIGN_OR_RETURN(
         adapters, InitAdapters(config, model->config(), model->embed_tokens(),
                                device));
+    if (config.train_head) {
+      InitTrainableHead(model->norm(), model->lm_head(), &adapters);
+    }
   }
   torch::optim::Adam optimizer(
       adapters.Parameters(),
@@ -186,7 +189,8 @@ absl::StatusOr<FinetuneResult> RunFinetune(
                                 : model->RunBlocks(input, 0, num_blocks,
                                                    adapters);
           const at::Tensor loss =
-              TrainingModel::Loss(model->Logits(output), batch.token_ids,
+              TrainingModel::Loss(model->Logits(output, adapters),
+                                  batch.token_ids,
                                   batch.mask, adapters.PrefixLength());
           loss.backward();
           optimizer.step();

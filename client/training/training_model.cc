@@ -200,6 +200,13 @@ at::Tensor TrainingModel::Logits(const at::Tensor& hidden) const {
   return at::linear(RmsNorm(hidden.to(device(), at::kFloat), norm_), lm_head_);
 }
 
+at::Tensor TrainingModel::Logits(const at::Tensor& hidden,
+                                 const AdapterSet& adapters) const {
+  if (!adapters.lm_head.defined()) return Logits(hidden);
+  return at::linear(RmsNorm(hidden.to(device(), at::kFloat), adapters.norm),
+                    adapters.lm_head);
+}
+
 at::Tensor TrainingModel::Loss(const at::Tensor& logits,
                                const at::Tensor& token_ids,
                                const at::Tensor& mask, int64_t prefix_length) {
@@ -223,7 +230,8 @@ at::Tensor TrainingModel::ComputeLoss(const at::Tensor& token_ids,
                                       const AdapterSet& adapters) const {
   const at::Tensor hidden = RunBlocks(EmbedWithPrompt(token_ids, adapters), 0,
                                       config_.num_hidden_layers, adapters);
-  return Loss(Logits(hidden), token_ids, mask, adapters.PrefixLength());
+  return Loss(Logits(hidden, adapters), token_ids, mask,
+              adapters.PrefixLength());
 }
 
 }  // namespace pollen::client

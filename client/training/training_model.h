@@ -52,8 +52,15 @@ class TrainingModel {
   at::Tensor RunBlocks(const at::Tensor& hidden, int from, int to,
                        const AdapterSet& adapters) const;
 
-  // [batch, seq, hidden] -> float32 logits [batch, seq, vocab].
+  // [batch, seq, hidden] -> float32 logits [batch, seq, vocab], through the
+  // adapters' trained norm and LM head when they have them.
   at::Tensor Logits(const at::Tensor& hidden) const;
+  at::Tensor Logits(const at::Tensor& hidden,
+                    const AdapterSet& adapters) const;
+
+  // The checkpoint's final norm [hidden] and LM head [vocab, hidden].
+  const at::Tensor& norm() const { return norm_; }
+  const at::Tensor& lm_head() const { return lm_head_; }
 
   // Mean next-token cross entropy. `logits` [batch, prefix + seq, vocab]
   // come from EmbedWithPrompt + RunBlocks + Logits, and `token_ids` and

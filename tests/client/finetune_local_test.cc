@@ -148,6 +148,50 @@ TEST(AdapterFiles, DeepPromptRoundTrip) {
       at::equal(loaded->deep_prompt.detach(), adapters.deep_prompt.detach()));
 }
 
+TEST(AdapterFiles, HeadRoundTrip) {
+  auto model = LoadModel();
+  ASSERT_NE(model, nullptr);
+  AdapterSet adapters = MakeAdapters(*model, AdapterMethod::kPrompt);
+  adapters.config.train_head = true;
+  InitTrainableHead(model->norm(), model->lm_head(), &adapters);
+  TempDir dir;
+  ASSERT_TRUE(SaveAdapters(adapters, dir.path()).ok());
+
+  // PEFT's modules_to_save names.
+  auto file = SafetensorsFile::Open(dir.path() + "/adapter_model.safetensors");
+  ASSERT_TRUE(file.ok()) << file.status();
+  EXPECT_NE((*file)->Find("base_model.model.model.norm.weight"), nullptr);
+  EXPECT_NE((*file)->Find("base_model.model.lm_head.weight"), nullptr);
+  std::ifstream config_file(dir.path() + "/adapter_config.json");
+  const nlohmann::json config = nlohmann::json::parse(config_file);
+  EXPECT_EQ(config["modules_to_save"], nlohmann::json({"lm_head", "norm"}));
+
+  auto loaded = LoadAdapters(dir.path(), model->config(), at::kCPU);
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  EXPECT_TRUE(loaded->config.train_head);
+  EXPECT_TRUE(at::equal(loaded->norm.detach(), model->norm()));
+  EXPECT_TRUE(at::equal(loaded->lm_head.detach(), model->lm_head()));
+  EXPECT_TRUE(loaded->lm_head.requires_grad());
+}
+
+TEST(AdapterFiles, RejectsPartialHead) {
+  auto model = LoadModel();
+  ASSERT_NE(model, nullptr);
+  TempDir dir;
+  ASSERT_TRUE(
+      SaveAdapters(MakeAdapters(*model, AdapterMethod::kPrompt), dir.path())
+          .ok());
+  const std::string config_path = dir.path() + "/adapter_config.json";
+  nlohmann::json config = nlohmann::json::parse(std::ifstream(config_path));
+  config["modules_to_save"] = {"lm_head"};
+  std::ofstream(config_path) << config.dump();
+  auto loaded = LoadAdapters(dir.path(), model->config(), at::kCPU);
+  EXPECT_EQ(loaded.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(loaded.status().message().find("modules_to_save is [lm_head]"),
+            std::string::npos)
+      << loaded.status();
+}
+
 TEST(AdapterFiles, MissingFolder) {
   auto model = LoadModel();
   ASSERT_NE(model, nullptr);
@@ -314,6 +358,25 @@ TEST(Finetune, DeepPromptMemorises) {
 }
 
 TEST(Finetune, LoraMemorises) { CheckMemorisation(AdapterMethod::kLora); }
+
+TEST(Finetune, TrainsHeadWithPrompt) {
+  TempDir dir;
+  FinetuneOptions options = MemorisationOptions(dir, AdapterMethod::kPrompt);
+  options.adapter.train_head = true;
+  options.steps = 20;
+  auto result = RunFinetune(options);
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_LT(result->last_loss, result->first_loss);
+
+  // The saved head moved away from the checkpoint's.
+  auto model = LoadModel();
+  ASSERT_NE(model, nullptr);
+  auto adapters = LoadAdapters(options.output_dir, model->config(), at::kCPU);
+  ASSERT_TRUE(adapters.ok()) << adapters.status();
+  ASSERT_TRUE(adapters->lm_head.defined());
+  EXPECT_FALSE(at::equal(adapters->lm_head.detach(), model->lm_head()));
+  EXPECT_FALSE(at::equal(adapters->norm.detach(), model->norm()));
+}
 
 TEST(Finetune, LossLogAndResume) {
   TempDir dir;

@@ -313,28 +313,29 @@ TEST_F(TrainingServiceTest, RejectsGarbage) {
   ExpectNodeServes();
 }
 
-TEST_F(TrainingServiceTest, InferenceWithLoraMatchesForwardNoCache) {
-  std::map<int, BlockAdapter> adapters = SomeAdapters(1);
-  for (auto& [block, adapter] : adapters) adapter.prompt = at::Tensor();
-  const at::Tensor hidden = at::randn({1, 6, kHidden});
-
+// Runs `hidden` [1, 6, hidden] through an Inference session on blocks
+// [1, 4) opened with `adapters`, in steps of the given (position, count),
+// and checks the concatenated outputs against ForwardNoCache.
+void ExpectSessionMatchesForwardNoCache(
+    v1::BlockService::Stub& stub, const node::BlockSpan& span,
+    const std::map<int, BlockAdapter>& adapters, const at::Tensor& hidden,
+    const std::vector<std::pair<int, int>>& steps) {
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
-  auto stream = stub_->Inference(&context);
+  auto stream = stub.Inference(&context);
   v1::InferenceRequest open;
   open.mutable_open()->set_model_id(kModel);
   open.mutable_open()->mutable_blocks()->set_start(1);
   open.mutable_open()->mutable_blocks()->set_end(4);
   open.mutable_open()->set_max_length(8);
-  open.mutable_open()->set_session_id("lora");
+  open.mutable_open()->set_session_id("adapted");
   ASSERT_TRUE(node::AdaptersToProto(adapters, open.mutable_open()->mutable_adapters()).ok());
   v1::InferenceResponse response;
   ASSERT_TRUE(stream->Write(open));
   ASSERT_TRUE(stream->Read(&response));
 
-  // Prefill 4 tokens, then decode 2.
   std::vector<at::Tensor> outputs;
-  for (const auto& [position, count] : std::vector<std::pair<int, int>>{{0, 4}, {4, 1}, {5, 1}}) {
+  for (const auto& [position, count] : steps) {
     v1::InferenceRequest step;
     ASSERT_TRUE(TensorToProto(hidden.narrow(1, position, count),
                               step.mutable_step()->mutable_hidden_states()).ok());
@@ -349,34 +350,59 @@ TEST_F(TrainingServiceTest, InferenceWithLoraMatchesForwardNoCache) {
   EXPECT_TRUE(stream->Finish().ok());
 
   at::NoGradGuard no_grad;
-  auto expected = span_->ForwardNoCache(hidden, 1, 4, adapters);
+  auto expected = span.ForwardNoCache(hidden, 1, 4, adapters);
   ASSERT_TRUE(expected.ok()) << expected.status();
-  ExpectClose(at::cat(outputs, 1), *expected, "session outputs");
+  const at::Tensor actual = at::cat(outputs, 1);
+  ASSERT_EQ(actual.sizes(), expected->sizes());
+  EXPECT_TRUE(at::allclose(actual, *expected, 1e-5, 1e-6))
+      << "session outputs differ by "
+      << (actual - *expected).abs().max().item<double>();
 
   // Without the adapters the outputs differ.
-  auto plain = span_->ForwardNoCache(hidden, 1, 4, {});
+  auto plain = span.ForwardNoCache(hidden, 1, 4, {});
   ASSERT_TRUE(plain.ok()) << plain.status();
   EXPECT_FALSE(at::allclose(*plain, *expected, 1e-5, 1e-6));
 }
 
-TEST_F(TrainingServiceTest, InferenceRejectsPrompt) {
+TEST_F(TrainingServiceTest, InferenceWithLoraMatchesForwardNoCache) {
+  std::map<int, BlockAdapter> adapters = SomeAdapters(1);
+  for (auto& [block, adapter] : adapters) adapter.prompt = at::Tensor();
+
+  // Prefill 4 tokens, then decode 2.
+  ExpectSessionMatchesForwardNoCache(*stub_, *span_, adapters,
+                                     at::randn({1, 6, kHidden}),
+                                     {{0, 4}, {4, 1}, {5, 1}});
+}
+
+TEST_F(TrainingServiceTest, InferenceWithDeepPromptMatchesForwardNoCache) {
+  std::map<int, BlockAdapter> adapters;
+  adapters[2].prompt = at::randn({1, 3, kHidden});
+  adapters[3].prompt = at::randn({1, 3, kHidden});
+
+  // The 3 prompt positions span the first two steps.
+  ExpectSessionMatchesForwardNoCache(*stub_, *span_, adapters,
+                                     at::randn({1, 6, kHidden}),
+                                     {{0, 2}, {2, 2}, {4, 1}, {5, 1}});
+}
+
+TEST_F(TrainingServiceTest, InferenceRejectsPromptLongerThanSession) {
   grpc::ClientContext context;
   auto stream = stub_->Inference(&context);
   v1::InferenceRequest open;
   open.mutable_open()->set_model_id(kModel);
   open.mutable_open()->mutable_blocks()->set_start(1);
   open.mutable_open()->mutable_blocks()->set_end(4);
-  open.mutable_open()->set_max_length(8);
+  open.mutable_open()->set_max_length(4);
   open.mutable_open()->set_session_id("prompted");
   std::map<int, BlockAdapter> adapters;
-  adapters[2].prompt = at::randn({1, 2, kHidden});
+  adapters[2].prompt = at::randn({1, 5, kHidden});
   ASSERT_TRUE(node::AdaptersToProto(adapters, open.mutable_open()->mutable_adapters()).ok());
   v1::InferenceResponse response;
   stream->Write(open);
   EXPECT_FALSE(stream->Read(&response));
   stream->WritesDone();
   ExpectStatus(stream->Finish(), grpc::StatusCode::INVALID_ARGUMENT,
-               "block 2 has a prompt");
+               "block 2 prompt has shape [1, 5, ");
 }
 
 }  // namespace

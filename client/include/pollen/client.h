@@ -61,6 +61,11 @@ struct ClientOptions {
   absl::Duration discovery_wait = absl::Seconds(30);
   // Deadline of one step through one node.
   absl::Duration step_timeout = absl::Seconds(60);
+  // Folder of an adapter written by `pollen finetune` (adapter_config.json
+  // and adapter_model.safetensors); empty runs the plain model. Prompts are
+  // prepended to every sequence, and LoRA weights and deep prompts are sent
+  // to the nodes once per session.
+  std::string adapter_dir;
 };
 
 struct GenerationOptions {
