@@ -1,6 +1,5 @@
 #include "client/remote_chain.h"
 
-#include <future>
 #include <random>
 #include <utility>
 
@@ -8,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "client/hop_stream.h"
 #include "common/logging.h"
 #include "common/status_util.h"
 #include "common/tensor_codec.h"
@@ -21,6 +21,27 @@ std::string DescribeHop(const scheduler::RouteHop& hop) {
   return absl::StrCat("node ", hop.server.node_id.substr(0, 12), " at ",
                       hop.server.address, " (blocks ", hop.start, ":",
                       hop.end, ")");
+}
+
+// The open message for `hop`: the session's limits, and the adapters of
+// the hop's blocks.
+v1::InferenceOpen MakeOpenMessage(const ChainOptions& options,
+                                  const scheduler::RouteHop& hop,
+                                  const std::string& session_id) {
+  v1::InferenceOpen open;
+  open.set_model_id(options.model_id);
+  open.mutable_blocks()->set_start(hop.start);
+  open.mutable_blocks()->set_end(hop.end);
+  open.set_max_length(static_cast<uint32_t>(options.max_length));
+  open.set_session_id(session_id);
+  open.set_batch_size(static_cast<uint32_t>(options.batch_size));
+  for (const v1::BlockAdapters& adapter : options.adapters) {
+    if (static_cast<int>(adapter.block()) >= hop.start &&
+        static_cast<int>(adapter.block()) < hop.end) {
+      *open.add_adapters() = adapter;
+    }
+  }
+  return open;
 }
 
 }  // namespace
@@ -70,128 +91,6 @@ std::string NewSessionId() {
   std::mt19937_64 generator((static_cast<uint64_t>(device()) << 32) ^ device());
   return absl::StrFormat("%016x%016x", generator(), generator());
 }
-
-// One Inference stream to one node.
-class InferenceChain::HopStream {
- public:
-  struct StepOutput {
-    at::Tensor hidden;  // [batch, new_tokens, hidden]
-    bool draining = false;
-  };
-
-  HopStream(const scheduler::RouteHop& hop,
-            std::shared_ptr<grpc::Channel> channel)
-      : hop_(hop), stub_(v1::BlockService::NewStub(std::move(channel))) {}
-
-  ~HopStream() { Close(); }
-
-  absl::Status Open(const ChainOptions& options, const std::string& session_id,
-                    absl::Duration timeout) {
-    stream_ = stub_->Inference(&context_);
-    v1::InferenceRequest request;
-    v1::InferenceOpen* open = request.mutable_open();
-    open->set_model_id(options.model_id);
-    open->mutable_blocks()->set_start(hop_.start);
-    open->mutable_blocks()->set_end(hop_.end);
-    open->set_max_length(static_cast<uint32_t>(options.max_length));
-    open->set_session_id(session_id);
-    open->set_batch_size(static_cast<uint32_t>(options.batch_size));
-    for (const v1::BlockAdapters& adapter : options.adapters) {
-      if (static_cast<int>(adapter.block()) >= hop_.start &&
-          static_cast<int>(adapter.block()) < hop_.end) {
-        *open->add_adapters() = adapter;
-      }
-    }
-    v1::InferenceResponse response;
-    return Exchange(request, &response, timeout);
-  }
-
-  absl::StatusOr<StepOutput> Step(const at::Tensor& hidden, int64_t position,
-                                  absl::Duration timeout) {
-    v1::InferenceRequest request;
-    v1::InferenceStep* step = request.mutable_step();
-    POLLEN_RETURN_IF_ERROR(
-        TensorToProto(hidden, step->mutable_hidden_states()));
-    step->set_position(static_cast<uint32_t>(position));
-
-    v1::InferenceResponse response;
-    POLLEN_RETURN_IF_ERROR(Exchange(request, &response, timeout));
-    StepOutput output;
-    output.draining = response.draining();
-    POLLEN_ASSIGN_OR_RETURN(
-        output.hidden,
-        TensorFromProto(response.hidden_states(),
-                        absl::StrCat("output of ", DescribeHop(hop_))));
-    return output;
-  }
-
-  void Close() {
-    if (stream_ == nullptr || closed_) return;
-    closed_ = true;
-    if (failed_) {
-      context_.TryCancel();
-      return;
-    }
-    // Half-close, then collect the status, so that the node reads a clean
-    // end of stream and frees the session at once. A dead node gets 5 s.
-    context_.set_deadline(std::chrono::system_clock::now() +
-                          std::chrono::seconds(5));
-    stream_->WritesDone();
-    const grpc::Status status = stream_->Finish();
-    if (!status.ok()) {
-      POLLEN_LOG_DEBUG("closing stream to {}: {}", DescribeHop(hop_),
-                       status.error_message());
-    }
-  }
-
-  const scheduler::RouteHop& hop() const { return hop_; }
-
- private:
-  // Writes one request and reads its response within `timeout`. On failure
-  // it fetches the node's status, so that the error contains the reason.
-  absl::Status Exchange(const v1::InferenceRequest& request,
-                        v1::InferenceResponse* response,
-                        absl::Duration timeout) {
-    if (failed_) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("stream to ", DescribeHop(hop_), " already failed"));
-    }
-    // The synchronous stream has no per-message deadline, so the exchange
-    // runs on a helper thread and the call is cancelled when it overruns.
-    auto exchange = std::async(std::launch::async, [&]() {
-      return stream_->Write(request) && stream_->Read(response);
-    });
-    if (exchange.wait_for(absl::ToChronoMilliseconds(timeout)) !=
-        std::future_status::ready) {
-      context_.TryCancel();
-      exchange.wait();
-      failed_ = true;
-      closed_ = true;
-      return absl::DeadlineExceededError(
-          absl::StrCat(DescribeHop(hop_), " did not answer within ",
-                       absl::FormatDuration(timeout)));
-    }
-    if (exchange.get()) return absl::OkStatus();
-
-    failed_ = true;
-    closed_ = true;
-    const grpc::Status status = stream_->Finish();
-    const absl::Status error =
-        status.ok() ? absl::UnavailableError("stream closed without a reply")
-                    : FromGrpcStatus(status);
-    return absl::Status(error.code(), absl::StrCat(DescribeHop(hop_), ": ",
-                                                   error.message()));
-  }
-
-  const scheduler::RouteHop hop_;
-  std::unique_ptr<v1::BlockService::Stub> stub_;
-  grpc::ClientContext context_;
-  std::unique_ptr<
-      grpc::ClientReaderWriter<v1::InferenceRequest, v1::InferenceResponse>>
-      stream_;
-  bool failed_ = false;
-  bool closed_ = false;
-};
 
 // A hop of the chain: its stream and every input it has accepted.
 struct InferenceChain::Hop {
@@ -258,8 +157,9 @@ absl::Status InferenceChain::EnsureOpen(size_t index) {
       hop.route_hop, channels_.Get(hop.route_hop.server.address));
   const std::string stream_session_id =
       absl::StrCat(session_id_, ".", failovers_, ".", index);
-  const absl::Status opened =
-      stream->Open(options_, stream_session_id, options_.step_timeout);
+  const absl::Status opened = stream->Open(
+      MakeOpenMessage(options_, hop.route_hop, stream_session_id),
+      options_.step_timeout);
   if (!opened.ok()) {
     RecordFailure(hop.route_hop.server.node_id);
     return opened;
@@ -281,7 +181,8 @@ InferenceChain::OpenAndReplay(const std::vector<scheduler::RouteHop>& route,
         route[i], channels_.Get(route[i].server.address));
     *failed_node = route[i].server.node_id;
     POLLEN_RETURN_IF_ERROR(hop->stream->Open(
-        options_, absl::StrCat(session_id_, ".", failovers_, ".r", i),
+        MakeOpenMessage(options_, route[i],
+                        absl::StrCat(session_id_, ".", failovers_, ".r", i)),
         options_.step_timeout));
 
     // Replaying the whole history as one step rebuilds the node's cache.

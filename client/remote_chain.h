@@ -90,8 +90,6 @@ class InferenceChain {
   // Closes every stream; the nodes free their caches.
   void Close();
 
-  class HopStream;
-
  private:
   struct Hop;
 

@@ -1,5 +1,6 @@
 #include "common/tensor_codec.h"
 
+#include <cstdint>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -45,10 +46,15 @@ absl::StatusOr<v1::DType> ProtoFromScalarType(at::ScalarType type) {
   }
 }
 
-}  // namespace
+// Dtype, shape and byte size of a checked Tensor message.
+struct ProtoLayout {
+  at::ScalarType scalar_type;
+  std::vector<int64_t> shape;
+  int64_t bytes = 0;
+};
 
-absl::StatusOr<at::Tensor> TensorFromProto(const v1::Tensor& proto,
-                                           const std::string& what) {
+absl::StatusOr<ProtoLayout> CheckLayout(const v1::Tensor& proto,
+                                        const std::string& what) {
   if (proto.compression() != v1::COMPRESSION_NONE) {
     return absl::InvalidArgumentError(
         absl::StrCat(what, ": unsupported compression ",
@@ -67,48 +73,83 @@ absl::StatusOr<at::Tensor> TensorFromProto(const v1::Tensor& proto,
 
   // Multiply with an overflow check: a hostile shape must not wrap around
   // to a small element count.
+  ProtoLayout layout;
+  layout.scalar_type = *scalar_type;
+  layout.shape.assign(proto.shape().begin(), proto.shape().end());
   const int64_t element_size = c10::elementSize(*scalar_type);
   int64_t numel = 1;
-  std::vector<int64_t> shape(proto.shape().begin(), proto.shape().end());
-  for (const int64_t dim : shape) {
+  for (const int64_t dim : layout.shape) {
     if (dim < 0) {
       return absl::InvalidArgumentError(absl::StrCat(
           what, " has negative dimension in shape [",
-          absl::StrJoin(shape, ", "), "]"));
+          absl::StrJoin(layout.shape, ", "), "]"));
     }
     if (dim != 0 && numel > kMaxTensorBytes / element_size / dim) {
       return absl::InvalidArgumentError(absl::StrCat(
-          what, " shape [", absl::StrJoin(shape, ", "), "] exceeds the limit of ",
-          kMaxTensorBytes, " bytes"));
+          what, " shape [", absl::StrJoin(layout.shape, ", "),
+          "] exceeds the limit of ", kMaxTensorBytes, " bytes"));
     }
     numel *= dim;
   }
-  const int64_t expected_bytes = numel * element_size;
-  if (static_cast<int64_t>(proto.data().size()) != expected_bytes) {
+  layout.bytes = numel * element_size;
+  if (static_cast<int64_t>(proto.data().size()) != layout.bytes) {
     return absl::InvalidArgumentError(absl::StrCat(
         what, " has ", proto.data().size(), " data bytes, but shape [",
-        absl::StrJoin(shape, ", "), "] of ", c10::toString(*scalar_type),
-        " needs ", expected_bytes));
+        absl::StrJoin(layout.shape, ", "), "] of ",
+        c10::toString(*scalar_type), " needs ", layout.bytes));
   }
+  return layout;
+}
 
-  at::Tensor tensor = at::empty(shape, at::TensorOptions().dtype(*scalar_type));
-  if (expected_bytes > 0) {
-    std::memcpy(tensor.data_ptr(), proto.data().data(), expected_bytes);
+}  // namespace
+
+absl::StatusOr<at::Tensor> TensorFromProto(const v1::Tensor& proto,
+                                           const std::string& what) {
+  POLLEN_ASSIGN_OR_RETURN(const ProtoLayout layout, CheckLayout(proto, what));
+  at::Tensor tensor =
+      at::empty(layout.shape, at::TensorOptions().dtype(layout.scalar_type));
+  if (layout.bytes > 0) {
+    std::memcpy(tensor.data_ptr(), proto.data().data(), layout.bytes);
   }
   return tensor;
+}
+
+absl::StatusOr<at::Tensor> TensorViewFromProto(const v1::Tensor& proto,
+                                               const std::string& what) {
+  POLLEN_ASSIGN_OR_RETURN(const ProtoLayout layout, CheckLayout(proto, what));
+  const char* data = proto.data().data();
+  const size_t alignment = c10::elementSize(layout.scalar_type);
+  if (layout.bytes == 0 ||
+      reinterpret_cast<uintptr_t>(data) % alignment != 0) {
+    return TensorFromProto(proto, what);
+  }
+  // from_blob takes a mutable pointer; the contract above forbids writes.
+  return at::from_blob(const_cast<char*>(data), layout.shape,
+                       at::TensorOptions().dtype(layout.scalar_type));
 }
 
 absl::Status TensorToProto(const at::Tensor& tensor, v1::Tensor* proto) {
   POLLEN_ASSIGN_OR_RETURN(const v1::DType dtype,
                           ProtoFromScalarType(tensor.scalar_type()));
-  const at::Tensor host = tensor.to(at::kCPU).contiguous();
-
   proto->Clear();
   proto->set_dtype(dtype);
-  for (const int64_t dim : host.sizes()) proto->add_shape(dim);
-  const size_t bytes = host.numel() * host.element_size();
-  proto->mutable_data()->assign(static_cast<const char*>(host.data_ptr()),
-                                bytes);
+  for (const int64_t dim : tensor.sizes()) proto->add_shape(dim);
+  const size_t bytes = tensor.numel() * tensor.element_size();
+  std::string* data = proto->mutable_data();
+
+  // A contiguous CPU tensor is copied as it is. Others are copied element
+  // by element straight into the message, which also moves them off their
+  // device, without an intermediate contiguous CPU tensor.
+  if (tensor.is_cpu() && tensor.is_contiguous()) {
+    data->assign(static_cast<const char*>(tensor.data_ptr()), bytes);
+    return absl::OkStatus();
+  }
+  data->resize(bytes);
+  if (bytes > 0) {
+    at::from_blob(data->data(), tensor.sizes(),
+                  at::TensorOptions().dtype(tensor.scalar_type()))
+        .copy_(tensor);
+  }
   return absl::OkStatus();
 }
 

@@ -21,8 +21,18 @@ inline constexpr int64_t kMaxTensorBytes = int64_t{1} << 30;
 absl::StatusOr<at::Tensor> TensorFromProto(const v1::Tensor& proto,
                                            const std::string& what);
 
+// Checks `proto` like TensorFromProto, but returns a CPU tensor that shares
+// the bytes of proto.data() instead of copying them, so it is valid only
+// while `proto` lives and its data is not changed. The caller must not
+// write into the tensor. When the bytes are not aligned for the dtype, the
+// result is a copy.
+absl::StatusOr<at::Tensor> TensorViewFromProto(const v1::Tensor& proto,
+                                               const std::string& what);
+
 // Writes `tensor` (float32, float16 or bfloat16, on any device) into `proto`.
-// Other dtypes are INVALID_ARGUMENT.
+// Other dtypes are INVALID_ARGUMENT. Reuses the capacity of proto.data(),
+// so a message that is filled again and again allocates only when a tensor
+// is larger than all before it.
 absl::Status TensorToProto(const at::Tensor& tensor, v1::Tensor* proto);
 
 }  // namespace pollen

@@ -39,6 +39,7 @@ v1::NodeRecord Announcer::MakeRecord(v1::NodeState state) const {
   record.set_num_blocks(static_cast<uint32_t>(context_->config.num_hidden_layers));
   record.set_device(info_.device);
   record.set_dtype(info_.dtype);
+  record.set_quantization(info_.quantization);
   if (prober_ != nullptr) {
     for (const auto& [node_id, rtt_ms] : prober_->RoundTripTimesMs()) {
       (*record.mutable_next_rtt_ms())[node_id] = rtt_ms;

@@ -26,6 +26,8 @@ struct RecordInfo {
   // Device of the blocks ("cpu", "cuda:0") and their dtype ("float32").
   std::string device;
   std::string dtype;
+  // "int8" for int8 weight-only quantisation; empty for none.
+  std::string quantization;
   // How long each announcement stays valid.
   absl::Duration record_ttl = absl::Seconds(90);
 };

@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 
+#include "common/dtype.h"
 #include "common/logging.h"
 #include "common/status_util.h"
 
@@ -53,17 +54,19 @@ absl::StatusOr<at::Tensor> ToInputDtype(const at::Tensor& state,
 
 BlockSpan::BlockSpan(int start, int end, ModelConfig config,
                      at::ScalarType dtype, at::Device device,
+                     Quantization quantization,
                      std::vector<LlamaBlock> blocks)
     : start_(start),
       end_(end),
       config_(std::move(config)),
       dtype_(dtype),
       device_(device),
+      quantization_(quantization),
       blocks_(std::move(blocks)) {}
 
 absl::StatusOr<std::unique_ptr<BlockSpan>> BlockSpan::Load(
     const Checkpoint& checkpoint, int start, int end, at::ScalarType dtype,
-    at::Device device) {
+    at::Device device, Quantization quantization) {
   const ModelConfig& config = checkpoint.config();
   if (start < 0 || end > config.num_hidden_layers || start >= end) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -89,15 +92,18 @@ absl::StatusOr<std::unique_ptr<BlockSpan>> BlockSpan::Load(
   for (int index = start; index < end; ++index) {
     POLLEN_ASSIGN_OR_RETURN(
         LlamaBlock block,
-        LlamaBlock::Load(checkpoint, index, dtype, device, rotary));
+        LlamaBlock::Load(checkpoint, index, dtype, device, rotary,
+                         quantization));
     blocks.push_back(std::move(block));
   }
 
-  std::unique_ptr<BlockSpan> span(
-      new BlockSpan(start, end, config, dtype, device, std::move(blocks)));
-  POLLEN_LOG_INFO("Loaded blocks [{}, {}) of {}: {} bytes of {} on {}", start,
-                  end, checkpoint.dir(), span->ParameterBytes(),
-                  std::string(c10::toString(dtype)), device.str());
+  std::unique_ptr<BlockSpan> span(new BlockSpan(
+      start, end, config, dtype, device, quantization, std::move(blocks)));
+  POLLEN_LOG_INFO("Loaded blocks [{}, {}) of {}: {} bytes of weights "
+                  "computing in {} (quantization {}) on {}",
+                  start, end, checkpoint.dir(), span->ParameterBytes(),
+                  DtypeName(dtype), QuantizationName(quantization),
+                  device.str());
   return span;
 }
 
@@ -214,6 +220,16 @@ absl::StatusOr<at::Tensor> BlockSpan::Forward(
     const at::Tensor& hidden, std::vector<LayerKvCache>& cache,
     int64_t position, int from, int to,
     const std::map<int, BlockAdapter>* adapters) const {
+  // Without adapters, one session is a batch of one.
+  if (adapters == nullptr || adapters->empty()) {
+    SpanBatchEntry entry;
+    entry.hidden = hidden;
+    entry.cache = &cache;
+    entry.position = position;
+    POLLEN_ASSIGN_OR_RETURN(std::vector<at::Tensor> outputs,
+                            ForwardBatch({entry}, from, to));
+    return std::move(outputs[0]);
+  }
   POLLEN_RETURN_IF_ERROR(ValidateForward(hidden, cache, position, from, to));
 
   // NoGradGuard rather than InferenceMode: outputs of InferenceMode are
@@ -248,6 +264,79 @@ absl::StatusOr<at::Tensor> BlockSpan::Forward(
   }
 
   return ToInputDtype(state, hidden, from, to);
+}
+
+absl::StatusOr<std::vector<at::Tensor>> BlockSpan::ForwardBatch(
+    const std::vector<SpanBatchEntry>& entries, int from, int to) const {
+  if (entries.empty()) {
+    return absl::InvalidArgumentError("a batched pass needs at least one entry");
+  }
+  for (const SpanBatchEntry& entry : entries) {
+    if (entry.cache == nullptr) {
+      return absl::InvalidArgumentError("a batched pass entry has no KV cache");
+    }
+    POLLEN_RETURN_IF_ERROR(ValidateForward(entry.hidden, *entry.cache,
+                                           entry.position, from, to));
+  }
+
+  // See Forward for why this is not InferenceMode.
+  at::NoGradGuard no_grad;
+
+  // The entries' rows, stacked: [rows, hidden_size] in the span's dtype.
+  const int64_t hidden_size = config_.hidden_size;
+  std::vector<SequenceSlice> slices(entries.size());
+  std::vector<at::Tensor> outputs;
+  int current_block = -1;
+  const absl::Status status = CatchTorchErrors("", [&] {
+    std::vector<at::Tensor> rows;
+    rows.reserve(entries.size());
+    for (size_t i = 0; i < entries.size(); ++i) {
+      const at::Tensor& hidden = entries[i].hidden;
+      rows.push_back(hidden.to(device_, dtype_).reshape({-1, hidden_size}));
+      slices[i].position = entries[i].position;
+      slices[i].batch = hidden.size(0);
+      slices[i].tokens = hidden.size(1);
+    }
+    at::Tensor state = rows.size() == 1 ? rows[0] : at::cat(rows, 0);
+    rows.clear();
+
+    for (int index = from; index < to; ++index) {
+      current_block = index;
+      for (size_t i = 0; i < entries.size(); ++i) {
+        slices[i].cache = &(*entries[i].cache)[index - from];
+      }
+      state = blocks_[index - start_].ForwardBatch(state, slices);
+    }
+    current_block = -1;
+
+    // Each entry's rows, back in its shape, dtype and device.
+    int64_t row = 0;
+    outputs.reserve(entries.size());
+    for (const SpanBatchEntry& entry : entries) {
+      const at::Tensor& hidden = entry.hidden;
+      const int64_t count = hidden.size(0) * hidden.size(1);
+      outputs.push_back(state.narrow(0, row, count)
+                            .view(hidden.sizes())
+                            .to(hidden.device(), hidden.scalar_type()));
+      row += count;
+    }
+    return absl::OkStatus();
+  });
+  if (!status.ok()) {
+    // The message of CatchTorchErrors("") starts with ": ".
+    const std::string where =
+        current_block >= 0
+            ? absl::StrCat("block ", current_block, " forward")
+            : absl::StrCat("converting the hidden states of blocks [", from,
+                           ", ", to, ")");
+    return absl::Status(
+        status.code(),
+        absl::StrCat(where, " of ", entries.size(),
+                     " session(s), the first with hidden states ",
+                     ShapeString(entries[0].hidden.sizes()), " at position ",
+                     entries[0].position, status.message()));
+  }
+  return outputs;
 }
 
 absl::StatusOr<at::Tensor> BlockSpan::ForwardNoCache(

@@ -15,8 +15,19 @@
 #include "common/model_config.h"
 #include "node/adapters.h"
 #include "node/llama_block.h"
+#include "node/quantized_linear.h"
 
 namespace pollen::node {
+
+// One session's part of a batched pass (BlockSpan::ForwardBatch).
+struct SpanBatchEntry {
+  // [batch, new_tokens, hidden_size] in any float dtype, on any device.
+  at::Tensor hidden;
+  // The session's caches; (*cache)[i] belongs to block from + i.
+  std::vector<LayerKvCache>* cache = nullptr;
+  // Position of the first new token.
+  int64_t position = 0;
+};
 
 // Blocks [start, end) of one model, loaded from a Checkpoint, plus their
 // shared rotary table. Immutable after Load, so thread-safe. Sessions keep
@@ -25,12 +36,14 @@ class BlockSpan {
  public:
   // Loads the weights of blocks [start, end) only, so the checkpoint's other
   // shards may be absent. `dtype` is float32, bfloat16 or (off the CPU)
-  // float16. Returns INVALID_ARGUMENT when the range is empty or outside
-  // [0, num_hidden_layers] or the dtype is unsupported, and the checkpoint's
-  // error when a tensor is missing or misshaped.
+  // float16, and the blocks compute and keep their KV cache in it; with
+  // Quantization::kInt8 their linear weights are stored as int8 (see
+  // QuantizedLinear). Returns INVALID_ARGUMENT when the range is empty or
+  // outside [0, num_hidden_layers] or the dtype is unsupported, and the
+  // checkpoint's error when a tensor is missing or misshaped.
   static absl::StatusOr<std::unique_ptr<BlockSpan>> Load(
       const Checkpoint& checkpoint, int start, int end, at::ScalarType dtype,
-      at::Device device);
+      at::Device device, Quantization quantization = Quantization::kNone);
 
   BlockSpan(const BlockSpan&) = delete;
   BlockSpan& operator=(const BlockSpan&) = delete;
@@ -40,8 +53,10 @@ class BlockSpan {
   const ModelConfig& config() const { return config_; }
   at::ScalarType dtype() const { return dtype_; }
   at::Device device() const { return device_; }
+  Quantization quantization() const { return quantization_; }
 
-  // Bytes of all block weights.
+  // Bytes of all block weights as stored: int8 values and their scales
+  // when quantised.
   int64_t ParameterBytes() const;
 
   // Bytes of KV cache per token per block: 2 * kv_heads * head_dim * element
@@ -72,6 +87,18 @@ class BlockSpan {
       int64_t position, int from, int to,
       const std::map<int, BlockAdapter>* adapters = nullptr) const;
 
+  // Runs blocks [from, to) on the new tokens of several sessions in one
+  // pass: the projections and MLPs see the rows of all entries together,
+  // so each weight is read once, and attention runs per entry on its own
+  // cache and positions (see LlamaBlock::ForwardBatch). Returns one output
+  // per entry, [batch, new_tokens, hidden_size] in the dtype and on the
+  // device of its hidden states, equal to what Forward returns for that
+  // entry alone up to floating-point rounding. Errors as Forward; an error
+  // fails the whole pass, and the caches may then hold writes at the
+  // entries' new positions, which their next steps overwrite.
+  absl::StatusOr<std::vector<at::Tensor>> ForwardBatch(
+      const std::vector<SpanBatchEntry>& entries, int from, int to) const;
+
   // Runs blocks [from, to) on a whole sequence `hidden` [batch, seq,
   // hidden_size] at positions [0, seq), without a cache, applying
   // adapters[i] (prompt and LoRA) to block i where present. Converts like
@@ -85,7 +112,8 @@ class BlockSpan {
 
  private:
   BlockSpan(int start, int end, ModelConfig config, at::ScalarType dtype,
-            at::Device device, std::vector<LlamaBlock> blocks);
+            at::Device device, Quantization quantization,
+            std::vector<LlamaBlock> blocks);
 
   absl::Status ValidateForward(const at::Tensor& hidden,
                                const std::vector<LayerKvCache>& cache,
@@ -96,6 +124,7 @@ class BlockSpan {
   const ModelConfig config_;
   const at::ScalarType dtype_;
   const at::Device device_;
+  const Quantization quantization_;
   const std::vector<LlamaBlock> blocks_;  // blocks_[i] is block start_ + i
 };
 

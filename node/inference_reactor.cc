@@ -69,12 +69,37 @@ void InferenceReactor::OnReadDone(bool ok) {
       status = HandleOpen(request_.open());
       break;
     case v1::InferenceRequest::kStep:
-      status = HandleStep(request_.step());
+      // On success the step runs now or later, and StepDone replies; this
+      // thread must not touch the reactor afterwards, because the reply
+      // may already have led to the next read, or to OnDone.
+      status = SubmitStep(request_.step());
+      if (status.ok()) return;
       break;
     default:
       status = absl::InvalidArgumentError(
           "request has neither 'open' nor 'step' set");
   }
+  Reply(status);
+}
+
+void InferenceReactor::StepDone(absl::StatusOr<at::Tensor> output) {
+  absl::Status status = output.status();
+  if (status.ok()) {
+    // The output goes straight into the reused response message.
+    status = CatchTorchErrors("encoding the step's output", [&] {
+      return TensorToProto(*output, response_.mutable_hidden_states());
+    });
+    const v1::InferenceStep& step = request_.step();
+    response_.set_position(
+        static_cast<uint32_t>(step.position() + output->size(1)));
+    POLLEN_LOG_DEBUG("session {}: {} tokens at position {}",
+                     session_->request.session_id, output->size(1),
+                     step.position());
+  }
+  Reply(status);
+}
+
+void InferenceReactor::Reply(const absl::Status& status) {
   if (!status.ok()) {
     POLLEN_LOG_WARN("session {} from {}: {}",
                     session_ ? session_->request.session_id : "(not open)",
@@ -153,7 +178,7 @@ absl::Status InferenceReactor::HandleOpen(const v1::InferenceOpen& open) {
   return absl::OkStatus();
 }
 
-absl::Status InferenceReactor::HandleStep(const v1::InferenceStep& step) {
+absl::Status InferenceReactor::SubmitStep(const v1::InferenceStep& step) {
   if (!session_) {
     return absl::FailedPreconditionError(
         "the first message of an Inference stream must be 'open'");
@@ -165,9 +190,11 @@ absl::Status InferenceReactor::HandleStep(const v1::InferenceStep& step) {
         request.session_id, "')"));
   }
 
-  // Check the tensor before taking the session lock.
-  POLLEN_ASSIGN_OR_RETURN(at::Tensor hidden,
-                          TensorFromProto(step.hidden_states(), "hidden_states"));
+  // Check the tensor before queueing. It shares the bytes of request_,
+  // which stays unchanged until the reply is written.
+  POLLEN_ASSIGN_OR_RETURN(
+      at::Tensor hidden,
+      TensorViewFromProto(step.hidden_states(), "hidden_states"));
   const int64_t hidden_size = context_->config.hidden_size;
   if (hidden.dim() != 3 || hidden.size(0) != request.batch_size ||
       hidden.size(1) < 1 || hidden.size(2) != hidden_size) {
@@ -176,42 +203,19 @@ absl::Status InferenceReactor::HandleStep(const v1::InferenceStep& step) {
         "] does not match [batch ", request.batch_size, ", new_tokens >= 1, hidden ",
         hidden_size, "]"));
   }
-  const int64_t new_tokens = hidden.size(1);
 
-  // Queued training work does not start while this step waits or runs.
-  ComputeQueue::InferenceScope inference_scope(&context_->compute);
-  absl::MutexLock lock(&session_->mu);
-  if (session_->closed) {
-    return absl::NotFoundError(absl::StrCat("session '", request.session_id,
-                                            "' not found: it was closed (",
-                                            session_->closed_reason, ")"));
-  }
-  if (step.position() != session_->position) {
-    return absl::AbortedError(absl::StrCat(
-        "step position ", step.position(), " does not match the ",
-        session_->position, " tokens session '", request.session_id,
-        "' holds; replay from position 0"));
-  }
-  if (session_->position + new_tokens > request.max_length) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "step of ", new_tokens, " tokens at position ", session_->position,
-        " exceeds max_length ", request.max_length, " of session '",
-        request.session_id, "'"));
-  }
-
-  POLLEN_ASSIGN_OR_RETURN(
-      at::Tensor output,
-      session_->span->Forward(hidden, session_->cache, session_->position,
-                              request.from, request.to, &request.adapters));
-  session_->position += new_tokens;
-  session_->last_used = absl::Now();
-
-  POLLEN_RETURN_IF_ERROR(
-      TensorToProto(output.to(hidden.scalar_type()),
-                    response_.mutable_hidden_states()));
-  response_.set_position(static_cast<uint32_t>(session_->position));
-  POLLEN_LOG_DEBUG("session {}: {} tokens at position {}", request.session_id,
-                   new_tokens, session_->position - new_tokens);
+  // The session manager checks the position against the session when the
+  // step runs. Queued training work does not start meanwhile.
+  StepTask task;
+  task.session = session_;
+  task.hidden = std::move(hidden);
+  task.position = step.position();
+  task.inference_scope =
+      std::make_unique<ComputeQueue::InferenceScope>(&context_->compute);
+  task.done = [this](absl::StatusOr<at::Tensor> output) {
+    StepDone(std::move(output));
+  };
+  context_->sessions->SubmitStep(std::move(task));
   return absl::OkStatus();
 }
 

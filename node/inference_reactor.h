@@ -4,7 +4,10 @@
 #include <memory>
 #include <string>
 
+#include <ATen/core/Tensor.h>
+
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "node/block_service.h"
 #include "pollen/v1/pollen.grpc.pb.h"
 
@@ -16,9 +19,10 @@ struct Session;
 inline constexpr int kMaxSessionIdLength = 128;
 
 // Reads requests one at a time and writes exactly one response per step, so
-// at most one read or write is in flight. gRPC runs its callbacks on its own
-// threads; the reactor deletes itself in OnDone, after which the session is
-// closed and its cache freed.
+// at most one read or write is in flight. Steps run through the session
+// manager's StepBatcher, which replies from whichever thread ran the step.
+// gRPC runs the other callbacks on its own threads; the reactor deletes
+// itself in OnDone, after which the session is closed and its cache freed.
 class InferenceReactor final
     : public grpc::ServerBidiReactor<v1::InferenceRequest,
                                      v1::InferenceResponse> {
@@ -31,9 +35,17 @@ class InferenceReactor final
   void OnDone() override;
 
  private:
-  // Each fills response_ on success.
+  // Fills response_ on success.
   absl::Status HandleOpen(const v1::InferenceOpen& open);
-  absl::Status HandleStep(const v1::InferenceStep& step);
+
+  // Checks `step` and queues it; on success StepDone replies later.
+  absl::Status SubmitStep(const v1::InferenceStep& step);
+
+  // Writes the step's output into response_ and replies.
+  void StepDone(absl::StatusOr<at::Tensor> output);
+
+  // Writes response_ when `status` is OK, otherwise ends the stream with it.
+  void Reply(const absl::Status& status);
 
   void FinishOnce(const absl::Status& status);
 

@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
@@ -12,6 +13,7 @@
 #include "common/checkpoint.h"
 #include "common/model_config.h"
 #include "node/adapters.h"
+#include "node/quantized_linear.h"
 
 namespace pollen::node {
 
@@ -21,6 +23,16 @@ namespace pollen::node {
 struct LayerKvCache {
   at::Tensor keys;
   at::Tensor values;
+};
+
+// The new tokens of one session in a batched pass (LlamaBlock::ForwardBatch):
+// `batch` sequences of `tokens` tokens each at positions [position,
+// position + tokens), attending over their own `cache`.
+struct SequenceSlice {
+  LayerKvCache* cache = nullptr;  // null only inside ForwardNoCache
+  int64_t position = 0;
+  int64_t batch = 1;
+  int64_t tokens = 1;
 };
 
 // Weights of one block in Hugging Face layout: linear weights are
@@ -64,18 +76,24 @@ class RotaryEmbedding {
 // guard itself, so callers choose between inference and training.
 class LlamaBlock {
  public:
-  // Takes `weights` in `config`'s shapes, all of one dtype on one device,
-  // and the rotary tables of that dtype and device. Throws c10::Error when a
-  // shape differs.
+  // Takes `weights` in `config`'s shapes on one device, and the rotary
+  // tables of the block's dtype and that device. The norm weights set the
+  // block's dtype. Without quantization the projections must have that
+  // dtype too; with Quantization::kInt8 they may have any float dtype and
+  // are quantised here. Throws c10::Error when a shape differs.
   LlamaBlock(int block_index, const ModelConfig& config,
              LlamaBlockWeights weights,
-             std::shared_ptr<const RotaryEmbedding> rotary);
+             std::shared_ptr<const RotaryEmbedding> rotary,
+             Quantization quantization = Quantization::kNone);
 
   // Loads tensors model.layers.{block_index}.* from `checkpoint`, converted
-  // to `dtype` on `device`. Errors name the missing or misshaped tensor.
+  // to `dtype` on `device`. With Quantization::kInt8 the projections are
+  // read as float32, so that their scales do not depend on `dtype`, and
+  // quantised. Errors name the missing or misshaped tensor.
   static absl::StatusOr<LlamaBlock> Load(
       const Checkpoint& checkpoint, int block_index, at::ScalarType dtype,
-      at::Device device, std::shared_ptr<const RotaryEmbedding> rotary);
+      at::Device device, std::shared_ptr<const RotaryEmbedding> rotary,
+      Quantization quantization = Quantization::kNone);
 
   // Runs the block on `hidden` [batch, new_tokens, hidden_size], whose
   // tokens sit at positions [position, position + new_tokens). Writes their
@@ -94,6 +112,19 @@ class LlamaBlock {
                      int64_t position,
                      const BlockAdapter* adapter = nullptr) const;
 
+  // Runs the block on the new tokens of several sessions at once, each with
+  // its own cache and positions. `hidden` is [rows, hidden_size]: the
+  // [batch, tokens] rows of each slice in row-major order, one slice after
+  // the other. The projections and the MLP run on all rows together, so
+  // the weights are read once per call; attention runs per slice, exactly
+  // as Forward does for that session alone. Returns [rows, hidden_size] in
+  // the block's dtype.
+  //
+  // Throws c10::Error as Forward does for any slice, or when the slices do
+  // not add up to the rows of `hidden`.
+  at::Tensor ForwardBatch(const at::Tensor& hidden,
+                          const std::vector<SequenceSlice>& slices) const;
+
   // Runs the block on a whole sequence `hidden` [batch, seq, hidden_size] at
   // positions [0, seq) with causal attention and no cache. When `adapter`
   // has a prompt [batch or 1, prefix_len, hidden_size], it is added to
@@ -109,6 +140,8 @@ class LlamaBlock {
   int block_index() const { return block_index_; }
   at::ScalarType dtype() const;
   at::Device device() const;
+  Quantization quantization() const { return qkv_proj_.quantization(); }
+  // Bytes of all weights as stored.
   int64_t ParameterBytes() const;
 
  private:
@@ -116,17 +149,36 @@ class LlamaBlock {
   // the statistics in float32.
   at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight) const;
 
-  // Both sublayers on `hidden` [batch, new_tokens, hidden]. With `cache`
-  // null, attends over the new tokens only, which sit at positions
-  // [0, new_tokens).
-  at::Tensor Run(const at::Tensor& hidden, LayerKvCache* cache,
-                 int64_t position, const BlockAdapter* adapter) const;
+  // Both sublayers on `hidden`, which is [batch, new_tokens, hidden] for a
+  // single slice or [rows, hidden] for several, with libtorch operators.
+  // A slice whose cache is null attends over its new tokens only, which sit
+  // at positions [0, new_tokens).
+  at::Tensor Run(const at::Tensor& hidden,
+                 const std::vector<SequenceSlice>& slices,
+                 const BlockAdapter* adapter) const;
 
-  // Self-attention on normalized input [batch, new_tokens, hidden]; returns
-  // the o_proj output [batch, new_tokens, hidden]. `cache` may be null, as
-  // in Run.
-  at::Tensor Attention(const at::Tensor& x, LayerKvCache* cache,
-                       int64_t position, const BlockAdapter* adapter) const;
+  // Self-attention on normalized input shaped like Run's `hidden`; returns
+  // the o_proj output of the same shape.
+  at::Tensor Attention(const at::Tensor& x,
+                       const std::vector<SequenceSlice>& slices,
+                       const BlockAdapter* adapter) const;
+
+  // Attention of one slice: rotary embedding of q [batch, tokens, heads, d]
+  // and k [batch, tokens, kv_heads, d], keys and values appended to the
+  // slice's cache, then softmax(q k^T / sqrt(d)) v. Returns the context
+  // [batch * tokens, heads * d].
+  at::Tensor AttendSlice(at::Tensor q, at::Tensor k, const at::Tensor& v,
+                         const SequenceSlice& slice) const;
+
+  // Throws c10::Error unless `slice` fits its cache and the rotary table.
+  void CheckSlice(const SequenceSlice& slice) const;
+
+  // Whether ForwardFloatCpu (node/cpu_block_forward.h) may run `slices` on
+  // `hidden`: a float32 CPU block without quantisation, no autograd, and
+  // contiguous float32 caches, and at most kFloatCpuMaxTokens new tokens
+  // per slice.
+  bool CanRunFloatCpu(const at::Tensor& hidden,
+                      const std::vector<SequenceSlice>& slices) const;
 
   int block_index_;
   int64_t hidden_size_;
@@ -137,13 +189,14 @@ class LlamaBlock {
   std::shared_ptr<const RotaryEmbedding> rotary_;
 
   // q, k and v projections stacked into one matrix, and gate and up
-  // likewise, so that each takes one matmul.
+  // likewise, so that each takes one matmul. The norms are in the block's
+  // dtype; the projections compute in it.
   at::Tensor input_layernorm_;           // [hidden]
-  at::Tensor qkv_proj_;                  // [(heads + 2 kv_heads) * head_dim, hidden]
-  at::Tensor o_proj_;                    // [hidden, heads * head_dim]
+  QuantizedLinear qkv_proj_;             // [(heads + 2 kv_heads) * head_dim, hidden]
+  QuantizedLinear o_proj_;               // [hidden, heads * head_dim]
   at::Tensor post_attention_layernorm_;  // [hidden]
-  at::Tensor gate_up_proj_;              // [2 * intermediate, hidden]
-  at::Tensor down_proj_;                 // [hidden, intermediate]
+  QuantizedLinear gate_up_proj_;         // [2 * intermediate, hidden]
+  QuantizedLinear down_proj_;            // [hidden, intermediate]
 };
 
 }  // namespace pollen::node

@@ -16,6 +16,7 @@
 #include "absl/strings/str_join.h"
 #include "common/checkpoint.h"
 #include "common/dht_registry.h"
+#include "common/dtype.h"
 #include "common/identity.h"
 #include "common/logging.h"
 #include "common/model_id.h"
@@ -39,14 +40,6 @@ constexpr int kMaxMessageBytes = static_cast<int>(kMaxTensorBytes + (1 << 20));
 // How long streams that hold no session may go on after the drain.
 constexpr absl::Duration kShutdownGrace = absl::Seconds(1);
 
-absl::StatusOr<at::ScalarType> ParseDtype(const std::string& name) {
-  if (name == "float32" || name == "fp32") return at::kFloat;
-  if (name == "float16" || name == "fp16") return at::kHalf;
-  if (name == "bfloat16" || name == "bf16") return at::kBFloat16;
-  return absl::InvalidArgumentError(absl::StrCat(
-      "unknown dtype '", name, "'; use float32, float16 or bfloat16"));
-}
-
 absl::StatusOr<at::Device> ParseDevice(const std::string& name) {
   try {
     return at::Device(name);
@@ -60,6 +53,10 @@ absl::Status ValidateOptions(const NodeOptions& options) {
   if (options.cache_tokens <= 0) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--cache-tokens must be positive, got ", options.cache_tokens));
+  }
+  if (options.prefill_chunk <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--prefill-chunk must be positive, got ", options.prefill_chunk));
   }
   if (options.port < 0 || options.port > 65535 || options.dht_port < 0 ||
       options.dht_port > 65535) {
@@ -125,14 +122,17 @@ absl::StatusOr<std::unique_ptr<DhtRegistry>> JoinDht(
 
 absl::StatusOr<std::shared_ptr<const BlockSpan>> LoadSpan(
     const Checkpoint& checkpoint, int start, int end, at::ScalarType dtype,
-    at::Device device) {
+    Quantization quantization, at::Device device) {
   const absl::Time started = absl::Now();
-  POLLEN_ASSIGN_OR_RETURN(std::unique_ptr<BlockSpan> span,
-                          BlockSpan::Load(checkpoint, start, end, dtype, device));
-  POLLEN_LOG_INFO("loaded blocks {}:{} ({:.1f} MiB of {} on {}) in {}", start,
-                  end, static_cast<double>(span->ParameterBytes()) / (1 << 20),
-                  DtypeName(dtype), device.str(),
-                  absl::FormatDuration(absl::Now() - started));
+  POLLEN_ASSIGN_OR_RETURN(
+      std::unique_ptr<BlockSpan> span,
+      BlockSpan::Load(checkpoint, start, end, dtype, device, quantization));
+  POLLEN_LOG_INFO("loaded blocks {}:{} ({:.1f} MiB of {}, quantization {}, "
+                  "on {}) in {}",
+                  start, end,
+                  static_cast<double>(span->ParameterBytes()) / (1 << 20),
+                  DtypeName(dtype), QuantizationName(quantization),
+                  device.str(), absl::FormatDuration(absl::Now() - started));
   return std::shared_ptr<const BlockSpan>(std::move(span));
 }
 
@@ -142,6 +142,7 @@ absl::StatusOr<Throughput> ResolveThroughput(const NodeOptions& options,
                                              const Checkpoint& checkpoint,
                                              const std::string& model_id,
                                              at::ScalarType dtype,
+                                             Quantization quantization,
                                              at::Device device,
                                              const BlockSpan* span) {
   if (options.throughput > 0) {
@@ -153,8 +154,9 @@ absl::StatusOr<Throughput> ResolveThroughput(const NodeOptions& options,
   }
 
   // Read an earlier measurement.
-  const std::string key = ThroughputCacheKey(
-      model_id, checkpoint.config(), device, dtype, at::get_num_threads());
+  const std::string key =
+      ThroughputCacheKey(model_id, checkpoint.config(), device, dtype,
+                         quantization, at::get_num_threads());
   const std::string path = options.throughput_cache_path.empty()
                                ? DefaultThroughputCachePath()
                                : options.throughput_cache_path;
@@ -176,7 +178,8 @@ absl::StatusOr<Throughput> ResolveThroughput(const NodeOptions& options,
   // Measure, on block 0 when no span is loaded yet.
   std::shared_ptr<const BlockSpan> probe;
   if (span == nullptr) {
-    POLLEN_ASSIGN_OR_RETURN(probe, LoadSpan(checkpoint, 0, 1, dtype, device));
+    POLLEN_ASSIGN_OR_RETURN(
+        probe, LoadSpan(checkpoint, 0, 1, dtype, quantization, device));
     span = probe.get();
   }
   const absl::Time started = absl::Now();
@@ -199,13 +202,14 @@ absl::StatusOr<Throughput> ResolveThroughput(const NodeOptions& options,
 // Chooses the span when --blocks is absent and loads it.
 absl::StatusOr<std::shared_ptr<const BlockSpan>> ChooseAndLoadSpan(
     const NodeOptions& options, const Checkpoint& checkpoint,
-    const std::string& model_id, at::ScalarType dtype, at::Device device,
-    DhtRegistry& registry, double throughput, std::mt19937_64& rng) {
+    const std::string& model_id, at::ScalarType dtype,
+    Quantization quantization, at::Device device, DhtRegistry& registry,
+    double throughput, std::mt19937_64& rng) {
   const ModelConfig& config = checkpoint.config();
   std::string length_reason;
   POLLEN_ASSIGN_OR_RETURN(
       const int length,
-      ChooseSpanLength(options.num_blocks, config, dtype, device,
+      ChooseSpanLength(options.num_blocks, config, dtype, quantization, device,
                        options.cache_tokens, &length_reason));
   POLLEN_LOG_INFO("serving {} of {}'s {} blocks: {}", length, model_id,
                   config.num_hidden_layers, length_reason);
@@ -215,7 +219,7 @@ absl::StatusOr<std::shared_ptr<const BlockSpan>> ChooseAndLoadSpan(
                         static_cast<int>(config.num_hidden_layers), length,
                         throughput, rng));
   return LoadSpan(checkpoint, static_cast<int>(range.start()),
-                  static_cast<int>(range.end()), dtype, device);
+                  static_cast<int>(range.end()), dtype, quantization, device);
 }
 
 absl::StatusOr<std::unique_ptr<grpc::Server>> StartServer(
@@ -313,6 +317,8 @@ absl::Status RunNode(const NodeOptions& options) {
 
   POLLEN_RETURN_IF_ERROR(ValidateOptions(options));
   POLLEN_ASSIGN_OR_RETURN(const at::ScalarType dtype, ParseDtype(options.dtype));
+  POLLEN_ASSIGN_OR_RETURN(const Quantization quantization,
+                          ParseQuantization(options.quantization));
   POLLEN_ASSIGN_OR_RETURN(const at::Device device, ParseDevice(options.device));
   if (options.threads > 0) at::set_num_threads(options.threads);
   const uint64_t seed =
@@ -334,20 +340,22 @@ absl::Status RunNode(const NodeOptions& options) {
                       options.block_start, options.block_end,
                       options.num_blocks);
     }
-    POLLEN_ASSIGN_OR_RETURN(span, LoadSpan(*checkpoint, options.block_start,
-                                           options.block_end, dtype, device));
+    POLLEN_ASSIGN_OR_RETURN(
+        span, LoadSpan(*checkpoint, options.block_start, options.block_end,
+                       dtype, quantization, device));
   }
   POLLEN_ASSIGN_OR_RETURN(std::unique_ptr<DhtRegistry> registry,
                           JoinDht(options));
   POLLEN_ASSIGN_OR_RETURN(
       const Throughput throughput,
-      ResolveThroughput(options, *checkpoint, model_id, dtype, device,
-                        span.get()));
+      ResolveThroughput(options, *checkpoint, model_id, dtype, quantization,
+                        device, span.get()));
   if (span == nullptr) {
     POLLEN_LOG_INFO("no --blocks given; choosing a span (seed {})", seed);
     POLLEN_ASSIGN_OR_RETURN(
-        span, ChooseAndLoadSpan(options, *checkpoint, model_id, dtype, device,
-                                *registry, throughput.decode_steps_per_s, rng));
+        span, ChooseAndLoadSpan(options, *checkpoint, model_id, dtype,
+                                quantization, device, *registry,
+                                throughput.decode_steps_per_s, rng));
   }
 
   // Start serving. The mover is created after the server, so MoveBlocks
@@ -355,6 +363,7 @@ absl::Status RunNode(const NodeOptions& options) {
   SessionLimits limits;
   limits.cache_token_budget = options.cache_tokens;
   limits.idle_timeout = options.session_idle_timeout;
+  limits.prefill_chunk_tokens = options.prefill_chunk;
   SessionManager sessions(limits);
 
   std::atomic<SpanMover*> mover_slot{nullptr};
@@ -399,6 +408,8 @@ absl::Status RunNode(const NodeOptions& options) {
   info.throughput = throughput;
   info.device = device.str();
   info.dtype = DtypeName(dtype);
+  info.quantization =
+      quantization == Quantization::kNone ? "" : QuantizationName(quantization);
   info.record_ttl = options.record_ttl;
   info.public_name = options.public_name.empty() ? address : options.public_name;
   Announcer announcer(registry.get(), &context, &prober, info);
@@ -411,6 +422,7 @@ absl::Status RunNode(const NodeOptions& options) {
   MoverTargets targets;
   targets.checkpoint = checkpoint;
   targets.dtype = dtype;
+  targets.quantization = quantization;
   targets.device = device;
   targets.throughput = throughput.decode_steps_per_s;
   targets.service = &context;

@@ -52,6 +52,11 @@ struct NodeOptions {
 
   // Cache tokens (batch * positions) all sessions may reserve together.
   int64_t cache_tokens = 16384;
+  // Most tokens (batch x new tokens, over all sessions) in one forward
+  // pass. Decode steps of concurrent sessions share passes up to this
+  // size, and longer prefills run in chunks of it, which bounds activation
+  // memory. Larger chunks give prefill larger matrix products.
+  int64_t prefill_chunk = 512;
   // Sessions without a step for this long are freed.
   absl::Duration session_idle_timeout = absl::Minutes(5);
   // How often the record is re-announced, and how long each announcement
@@ -69,8 +74,13 @@ struct NodeOptions {
   // many times faster.
   double min_balance_gain = 1.25;
 
-  // "float32", "float16" or "bfloat16": the dtype of weights and KV cache.
+  // The dtype of activations, KV cache and (without quantization) weights:
+  // "float32", "float16" or "bfloat16", or fp32, fp16, bf16 for short.
   std::string dtype = "float32";
+  // "none", or "int8" to store the linear weights of the blocks as int8 with
+  // one scale per output channel: about a quarter of the float32 bytes, at
+  // some cost in accuracy. Activations and the KV cache stay in `dtype`.
+  std::string quantization = "none";
   // libtorch device string: "cpu", "cuda", "cuda:1".
   std::string device = "cpu";
   // Intra-op threads for libtorch; 0 keeps libtorch's default.

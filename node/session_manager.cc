@@ -9,7 +9,9 @@
 
 namespace pollen::node {
 
-SessionManager::SessionManager(SessionLimits limits) : limits_(limits) {}
+SessionManager::SessionManager(SessionLimits limits)
+    : limits_(limits),
+      batcher_(StepBatcherOptions{limits.prefill_chunk_tokens}) {}
 
 absl::StatusOr<std::shared_ptr<Session>> SessionManager::Open(
     const SessionRequest& request, std::shared_ptr<const BlockSpan> span) {

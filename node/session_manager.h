@@ -6,6 +6,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -14,6 +15,7 @@
 #include "absl/time/time.h"
 #include "node/adapters.h"
 #include "node/llama_block.h"
+#include "node/step_batcher.h"
 
 namespace pollen::node {
 
@@ -67,10 +69,14 @@ struct SessionLimits {
   absl::Duration idle_timeout = absl::Seconds(300);
   // Largest batch one session may use.
   int64_t max_batch_size = 64;
+  // Most tokens (sequences x new tokens) in one forward pass; longer steps
+  // run in chunks of this size (StepBatcherOptions::max_pass_tokens).
+  int64_t prefill_chunk_tokens = 512;
 };
 
 // Owns the open sessions of a node, which may run on different spans while
-// the node moves. The cache budget is shared by all of them. Thread-safe.
+// the node moves, and runs their steps. The cache budget is shared by all
+// of them. Thread-safe.
 class SessionManager {
  public:
   explicit SessionManager(SessionLimits limits);
@@ -81,6 +87,14 @@ class SessionManager {
   // when the budget is short, naming the tokens requested and left.
   absl::StatusOr<std::shared_ptr<Session>> Open(
       const SessionRequest& request, std::shared_ptr<const BlockSpan> span);
+
+  // Runs a step of an open session, batched with the steps of other
+  // sessions that wait at the same time (see StepBatcher). task.done gets
+  // the output, or NOT_FOUND when the session was closed, ABORTED when the
+  // position is not the session's, INVALID_ARGUMENT past max_length, and
+  // INTERNAL or RESOURCE_EXHAUSTED when libtorch fails. The session's
+  // position advances when the step succeeds.
+  void SubmitStep(StepTask task) { batcher_.Submit(std::move(task)); }
 
   // Frees a session's cache, span and budget. Unknown ids are ignored.
   void Close(const std::string& session_id, const std::string& reason);
@@ -100,6 +114,8 @@ class SessionManager {
   // Number of open sessions on `span`.
   int CountSessionsOn(const BlockSpan* span) const;
 
+  const StepBatcher& batcher() const { return batcher_; }
+
   int64_t cache_tokens_left() const;
   int64_t cache_tokens_total() const { return limits_.cache_token_budget; }
   int open_sessions() const;
@@ -110,6 +126,7 @@ class SessionManager {
   std::vector<std::string> SessionIdsOn(const BlockSpan* span) const;
 
   const SessionLimits limits_;
+  StepBatcher batcher_;
 
   mutable absl::Mutex mu_;
   std::map<std::string, std::shared_ptr<Session>> sessions_ ABSL_GUARDED_BY(mu_);

@@ -65,16 +65,27 @@ std::string MiB(int64_t bytes) {
 
 }  // namespace
 
-int64_t BlockWeightBytes(const ModelConfig& config, at::ScalarType dtype) {
+int64_t BlockWeightBytes(const ModelConfig& config, at::ScalarType dtype,
+                         Quantization quantization) {
   const int64_t hidden = config.hidden_size;
   const int64_t attention = config.num_attention_heads * config.head_dim;
   const int64_t key_value = config.num_key_value_heads * config.head_dim;
-  const int64_t elements = hidden * attention                 // q_proj
-                           + 2 * hidden * key_value           // k_proj, v_proj
-                           + attention * hidden               // o_proj
-                           + 3 * hidden * config.intermediate_size  // MLP
-                           + 2 * hidden;                      // two norms
-  return elements * static_cast<int64_t>(c10::elementSize(dtype));
+  const int64_t linear = hidden * attention                  // q_proj
+                         + 2 * hidden * key_value            // k_proj, v_proj
+                         + attention * hidden                // o_proj
+                         + 3 * hidden * config.intermediate_size;  // MLP
+  const int64_t norms = 2 * hidden;
+  const int64_t element_bytes = static_cast<int64_t>(c10::elementSize(dtype));
+  if (quantization == Quantization::kNone) {
+    return (linear + norms) * element_bytes;
+  }
+
+  // One float32 scale per output row of qkv, o, gate_up and down.
+  const int64_t output_rows = attention + 2 * key_value  // qkv
+                              + hidden                   // o_proj
+                              + 2 * config.intermediate_size  // gate_up
+                              + hidden;                       // down_proj
+  return linear + output_rows * 4 + norms * element_bytes;
 }
 
 absl::StatusOr<int64_t> ParseMemAvailable(const std::string& meminfo) {
@@ -117,6 +128,7 @@ int64_t MemoryReserveBytes(int64_t available_bytes) {
 
 absl::StatusOr<int> ChooseSpanLength(int requested, const ModelConfig& config,
                                      at::ScalarType dtype,
+                                     Quantization quantization,
                                      const at::Device& device,
                                      int64_t cache_tokens,
                                      std::string* reason) {
@@ -133,7 +145,7 @@ absl::StatusOr<int> ChooseSpanLength(int requested, const ModelConfig& config,
 
   POLLEN_ASSIGN_OR_RETURN(const int64_t available,
                           AvailableMemoryBytes(device));
-  const int64_t block_bytes = BlockWeightBytes(config, dtype);
+  const int64_t block_bytes = BlockWeightBytes(config, dtype, quantization);
   const int64_t cache_bytes_per_block =
       cache_tokens * 2 * config.num_key_value_heads * config.head_dim *
       static_cast<int64_t>(c10::elementSize(dtype));
@@ -145,8 +157,8 @@ absl::StatusOr<int> ChooseSpanLength(int requested, const ModelConfig& config,
         "not even one block fits on ", device.str(), ": ", MiB(available),
         " free, minus a reserve of ", MiB(reserve), ", and one block needs ",
         MiB(block_bytes + cache_bytes_per_block),
-        " of weights and KV cache; lower --cache-tokens or use a smaller "
-        "--dtype"));
+        " of weights and KV cache; lower --cache-tokens, use a smaller "
+        "--dtype or --quantize int8"));
   }
   const int length = std::min(fit, num_blocks);
   *reason = absl::StrCat(fit, " blocks fit in ", MiB(available), " free on ",

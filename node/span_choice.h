@@ -13,13 +13,18 @@
 #include "absl/status/statusor.h"
 #include "common/dht_registry.h"
 #include "common/model_config.h"
+#include "node/quantized_linear.h"
 #include "pollen/v1/pollen.pb.h"
 #include "scheduler/route.h"
 
 namespace pollen::node {
 
-// Bytes of one block's weights in `dtype`, computed from the config's shapes.
-int64_t BlockWeightBytes(const ModelConfig& config, at::ScalarType dtype);
+// Bytes of one block's weights in `dtype`, computed from the config's
+// shapes. With Quantization::kInt8 the linear weights take one byte per
+// element plus a float32 scale per output row, and the norms stay in
+// `dtype`, as LlamaBlock stores them.
+int64_t BlockWeightBytes(const ModelConfig& config, at::ScalarType dtype,
+                         Quantization quantization = Quantization::kNone);
 
 // Returns the MemAvailable line of /proc/meminfo text in bytes, or
 // INVALID_ARGUMENT when the text lacks it.
@@ -38,13 +43,16 @@ int64_t MemoryReserveBytes(int64_t available_bytes);
 
 // Returns how many blocks to serve when no span is given: `requested`
 // (capped at the model's block count) when positive, otherwise as many as
-// BlocksThatFit allows in the device's free memory, with the KV cache of
-// `cache_tokens` tokens on every block and MemoryReserveBytes kept free.
+// BlocksThatFit allows in the device's free memory, with weights of
+// BlockWeightBytes(config, dtype, quantization), the KV cache of
+// `cache_tokens` tokens in `dtype` on every block and MemoryReserveBytes
+// kept free.
 // Sets `reason` to a sentence for the log. RESOURCE_EXHAUSTED names the
 // memory found and needed when not even one block fits, and the error of
 // AvailableMemoryBytes is returned when the memory cannot be read.
 absl::StatusOr<int> ChooseSpanLength(int requested, const ModelConfig& config,
                                      at::ScalarType dtype,
+                                     Quantization quantization,
                                      const at::Device& device,
                                      int64_t cache_tokens, std::string* reason);
 

@@ -114,8 +114,9 @@ absl::StatusOr<v1::BlockRange> SpanMover::Move(int start, int end,
 
   // Load the new span while the old one serves.
   const absl::Time load_started = absl::Now();
-  absl::StatusOr<std::unique_ptr<BlockSpan>> loaded = BlockSpan::Load(
-      *targets_.checkpoint, start, end, targets_.dtype, targets_.device);
+  absl::StatusOr<std::unique_ptr<BlockSpan>> loaded =
+      BlockSpan::Load(*targets_.checkpoint, start, end, targets_.dtype,
+                      targets_.device, targets_.quantization);
   if (!loaded.ok()) {
     POLLEN_LOG_ERROR("move to blocks {}:{} failed, still serving {}:{}: {}",
                      start, end, old_span->start(), old_span->end(),

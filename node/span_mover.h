@@ -22,6 +22,7 @@
 #include "common/dht_registry.h"
 #include "node/announcer.h"
 #include "node/block_service.h"
+#include "node/quantized_linear.h"
 #include "node/session_manager.h"
 #include "pollen/v1/pollen.pb.h"
 
@@ -46,6 +47,7 @@ struct MoverOptions {
 struct MoverTargets {
   std::shared_ptr<const Checkpoint> checkpoint;
   at::ScalarType dtype = at::kFloat;
+  Quantization quantization = Quantization::kNone;
   at::Device device = at::kCPU;
   // This node's decode throughput, as announced.
   double throughput = 0;

@@ -16,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "common/dtype.h"
 #include "common/status_util.h"
 #include "node/block_span.h"
 
@@ -42,19 +43,6 @@ absl::StatusOr<double> TimeStep(const BlockSpan& span,
 }
 
 }  // namespace
-
-std::string DtypeName(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kFloat:
-      return "float32";
-    case at::kHalf:
-      return "float16";
-    case at::kBFloat16:
-      return "bfloat16";
-    default:
-      return c10::toString(dtype);
-  }
-}
 
 absl::StatusOr<Throughput> MeasureThroughput(const BlockSpan& span) {
   const int block = span.start();
@@ -103,13 +91,18 @@ absl::StatusOr<Throughput> MeasureThroughput(const BlockSpan& span) {
 std::string ThroughputCacheKey(const std::string& model_id,
                                const ModelConfig& config,
                                const at::Device& device, at::ScalarType dtype,
-                               int threads) {
+                               Quantization quantization, int threads) {
+  const std::string quantization_part =
+      quantization == Quantization::kNone
+          ? ""
+          : absl::StrCat(" quantization=", QuantizationName(quantization));
   return absl::StrCat(model_id, " hidden=", config.hidden_size,
                       " intermediate=", config.intermediate_size,
                       " heads=", config.num_attention_heads,
                       " kv_heads=", config.num_key_value_heads,
                       " head_dim=", config.head_dim, " device=", device.str(),
-                      " dtype=", DtypeName(dtype), " threads=", threads);
+                      " dtype=", DtypeName(dtype), quantization_part,
+                      " threads=", threads);
 }
 
 std::string DefaultThroughputCachePath() {

@@ -9,6 +9,7 @@
 
 #include "absl/status/statusor.h"
 #include "common/model_config.h"
+#include "node/quantized_linear.h"
 
 namespace pollen::node {
 
@@ -38,13 +39,14 @@ inline constexpr int kMeasuredPrefillTokens = 128;
 absl::StatusOr<Throughput> MeasureThroughput(const BlockSpan& span);
 
 // The cache entry name of a measurement: model id, block shape, device,
-// dtype and libtorch's intra-op thread count, e.g.
+// dtype, quantization (only when not none, so that older entries stay
+// valid) and libtorch's intra-op thread count, e.g.
 // "stories260k hidden=64 intermediate=172 heads=8 kv_heads=4 head_dim=8
-// device=cpu dtype=float32 threads=2" (one line).
+// device=cpu dtype=float32 quantization=int8 threads=2" (one line).
 std::string ThroughputCacheKey(const std::string& model_id,
                                const ModelConfig& config,
                                const at::Device& device, at::ScalarType dtype,
-                               int threads);
+                               Quantization quantization, int threads);
 
 // Returns $XDG_CACHE_HOME/pollen/throughput.json, or
 // $HOME/.cache/pollen/throughput.json, or "" when neither variable is set.
@@ -63,8 +65,5 @@ absl::StatusOr<Throughput> ReadCachedThroughput(const std::string& path,
 absl::Status WriteCachedThroughput(const std::string& path,
                                    const std::string& key,
                                    const Throughput& throughput);
-
-// "float32", "float16" or "bfloat16"; other types use libtorch's name.
-std::string DtypeName(at::ScalarType dtype);
 
 }  // namespace pollen::node

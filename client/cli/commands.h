@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "client/bench/bench_runner.h"
 #include "client/training/trainer.h"
 #include "node/node_server.h"
 #include "pollen/client.h"
@@ -45,6 +46,36 @@ struct FinetuneCommandOptions {
   client::FinetuneOptions finetune;
 };
 
+struct EvalCommandOptions {
+  std::string model_dir;
+  // File whose text the model is scored on.
+  std::string text_path;
+  // Precision compared against float32: a ParseDtype name, a
+  // ParseQuantization name and a libtorch device string.
+  std::string dtype = "float32";
+  std::string quantization = "none";
+  std::string device = "cpu";
+  // Print one JSON object instead of a table.
+  bool json = false;
+};
+
+struct MakeCheckpointCommandOptions {
+  // A name from bench::KnownCheckpointShapes(), e.g. tinyllama-1.1b.
+  std::string shape;
+  // num_hidden_layers; 0 keeps the shape's own.
+  int64_t num_layers = 0;
+  // float32, float16 or bfloat16 (fp32, fp16, bf16).
+  std::string dtype = "float32";
+  std::string out_dir;
+  uint64_t seed = 0;
+};
+
+struct BenchCommandOptions {
+  bench::BenchOptions bench;
+  // Print one JSON object instead of a table.
+  bool json = false;
+};
+
 int RunNodeCommand(const node::NodeOptions& options);
 int RunGenerateCommand(const GenerateCommandOptions& options);
 int RunChatCommand(const GenerateCommandOptions& options);
@@ -52,5 +83,10 @@ int RunStatusCommand(const StatusCommandOptions& options);
 int RunLocalSwarmCommand(const LocalSwarmCommandOptions& options);
 // Returns 130 when SIGINT stopped training (the adapter is saved first).
 int RunFinetuneCommand(const FinetuneCommandOptions& options);
+int RunEvalCommand(const EvalCommandOptions& options);
+int RunMakeCheckpointCommand(const MakeCheckpointCommandOptions& options);
+// Returns 1 when the swarm's tokens differ from the local ones, after
+// printing the results.
+int RunBenchCommand(const BenchCommandOptions& options);
 
 }  // namespace pollen::cli

@@ -12,7 +12,9 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "client/cli/commands.h"
+#include "common/dtype.h"
 #include "common/logging.h"
+#include "node/quantized_linear.h"
 
 // Model and swarm.
 ABSL_FLAG(std::string, model, "", "Hugging Face checkpoint folder (config.json, safetensors, tokenizer.model)");
@@ -33,10 +35,13 @@ ABSL_FLAG(std::string, announce_host, "127.0.0.1", "Host name or IP that clients
 ABSL_FLAG(int, dht_port, 0, "UDP port of the node's DHT participant; 0 picks a free port");
 ABSL_FLAG(std::string, identity, "", "File holding the node's signing identity (created on first start); empty uses a new one each start");
 ABSL_FLAG(int64_t, cache_tokens, 16384, "KV cache budget in tokens (batch x positions) across all sessions");
+ABSL_FLAG(int64_t, prefill_chunk, 512, "Most tokens (batch x new tokens, over all sessions) in one forward pass of a node; longer prompts run in chunks of this size");
 ABSL_FLAG(std::string, public_name, "", "Name shown in `pollen status`; defaults to the node's address");
-ABSL_FLAG(std::string, dtype, "float32", "Weight and KV cache dtype: float32, float16 or bfloat16");
+ABSL_FLAG(std::string, dtype, "float32", "Dtype that blocks compute and keep their KV cache in, and their weights without --quantize: float32, float16 or bfloat16 (fp32, fp16, bf16); make-checkpoint: the dtype of the written tensors");
 ABSL_FLAG(std::string, device, "cpu", "libtorch device: cpu, cuda or cuda:N");
-ABSL_FLAG(int, threads, 0, "Intra-op threads for libtorch; 0 keeps libtorch's default");
+ABSL_FLAG(std::string, quantize, "none", "node, eval: none, or int8 to store the blocks' linear weights as int8 with one scale per output channel (about a quarter of the float32 bytes); compute stays in --dtype");
+ABSL_FLAG(std::string, text, "", "eval: text file to score the model on");
+ABSL_FLAG(int, threads, 0, "Intra-op threads for libtorch (bench: in its own process and every node); 0 keeps libtorch's default");
 ABSL_FLAG(int, session_idle_timeout_s, 300, "Seconds without a step after which a session's cache is freed");
 ABSL_FLAG(int, announce_period_s, 30, "Seconds between DHT announcements");
 ABSL_FLAG(int, record_ttl_s, 90, "Seconds an announcement stays valid; must exceed --announce_period_s");
@@ -48,7 +53,7 @@ ABSL_FLAG(double, temperature, 0.0, "Sampling temperature; 0 means greedy");
 ABSL_FLAG(int, top_k, 0, "Sample among the K most likely tokens; 0 disables");
 ABSL_FLAG(double, top_p, 1.0, "Sample among the most likely tokens whose probabilities sum to P; 1 disables");
 ABSL_FLAG(double, repetition_penalty, 1.0, "Penalty for tokens already in the context; 1 disables");
-ABSL_FLAG(uint64_t, seed, 0, "Random seed for sampling. A node seeds its span choice and rebalancing with it, and draws a random seed when it is 0");
+ABSL_FLAG(uint64_t, seed, 0, "Random seed for sampling. A node seeds its span choice and rebalancing with it, and draws a random seed when it is 0. make-checkpoint seeds the weights with it");
 ABSL_FLAG(int, max_length, 0, "chat: tokens the whole conversation may use; 0 means the model's maximum");
 ABSL_FLAG(int, discovery_wait_s, 30, "Seconds to wait for nodes covering every block");
 ABSL_FLAG(int, step_timeout_s, 60, "Seconds one step through one node may take");
@@ -56,7 +61,7 @@ ABSL_FLAG(bool, json, false, "Print JSON instead of text");
 ABSL_FLAG(std::string, adapter, "", "generate, chat, local-swarm: adapter folder written by `pollen finetune` to run the model with");
 
 // pollen local-swarm.
-ABSL_FLAG(int, nodes, 2, "local-swarm: number of node processes");
+ABSL_FLAG(int, nodes, 2, "local-swarm, bench: number of node processes");
 ABSL_FLAG(std::string, work_dir, "", "local-swarm: folder for node logs and identities; default a temporary one");
 
 // pollen finetune.
@@ -75,6 +80,17 @@ ABSL_FLAG(double, lora_alpha, 16, "finetune: LoRA alpha; updates are scaled by a
 ABSL_FLAG(std::string, lora_targets, "q_proj,v_proj", "finetune: comma-separated projections LoRA adapts, among q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj");
 ABSL_FLAG(bool, train_head, false, "finetune: also train the final norm and LM head on this machine (saved in the adapter)");
 ABSL_FLAG(int, prefix_length, 16, "finetune: trainable positions of prompt and deep-prompt tuning");
+
+// pollen make-checkpoint.
+ABSL_FLAG(std::string, shape, "", "make-checkpoint: model shape: tinyllama-1.1b, llama2-7b, llama2-70b, or test-tiny (a few hundred KB, for tests)");
+ABSL_FLAG(int, layers, 0, "make-checkpoint: number of blocks (num_hidden_layers); 0 keeps the shape's own");
+ABSL_FLAG(std::string, out, "", "make-checkpoint: folder to write the checkpoint to; must not exist or be empty");
+
+// pollen bench.
+ABSL_FLAG(int, sessions, 8, "bench: sessions decoding at once through the swarm for the aggregate tokens/s");
+ABSL_FLAG(int, prompt_tokens, 32, "bench: tokens in the prompt, run in one prefill step");
+ABSL_FLAG(int, new_tokens, 32, "bench: decode steps after the prompt, one token each");
+ABSL_FLAG(int, repetitions, 3, "bench: timed runs per measurement after one warm-up; the median is reported");
 
 ABSL_FLAG(std::string, log_level, "", "Log level: trace, debug, info, warn, error; default info for node, warn for other commands");
 
@@ -96,6 +112,12 @@ Commands:
                  pollen local-swarm --model DIR --nodes N --prompt TEXT
   finetune     train a prompt, deep prompt or LoRA adapter
                  pollen finetune --model DIR --data FILE --method lora --output DIR --local
+  eval         compare a block dtype and quantization against float32 on a text
+                 pollen eval --model DIR --text FILE --dtype bf16 --quantize int8 [--json]
+  make-checkpoint  write a checkpoint with a real model's shapes and random weights
+                 pollen make-checkpoint --shape tinyllama-1.1b --dtype fp32 --out DIR [--layers N] [--seed S]
+  bench        measure decode and prefill tokens/s locally and through N local nodes
+                 pollen bench --model DIR --nodes N --sessions S --prompt-tokens P --new-tokens T [--json]
 
 Flags use dashes or underscores: --max-new-tokens and --max_new_tokens are the same.)";
 
@@ -166,9 +188,23 @@ int RunNode() {
   options.identity_path = absl::GetFlag(FLAGS_identity);
   options.public_name = absl::GetFlag(FLAGS_public_name);
   options.cache_tokens = absl::GetFlag(FLAGS_cache_tokens);
+  options.prefill_chunk = absl::GetFlag(FLAGS_prefill_chunk);
   options.dtype = absl::GetFlag(FLAGS_dtype);
+  options.quantization = absl::GetFlag(FLAGS_quantize);
   options.device = absl::GetFlag(FLAGS_device);
   options.threads = absl::GetFlag(FLAGS_threads);
+  const auto dtype = pollen::ParseDtype(options.dtype);
+  if (!dtype.ok()) {
+    std::cerr << "error: --dtype: " << dtype.status().message() << "\n";
+    return 2;
+  }
+  const auto quantization =
+      pollen::node::ParseQuantization(options.quantization);
+  if (!quantization.ok()) {
+    std::cerr << "error: --quantize: " << quantization.status().message()
+              << "\n";
+    return 2;
+  }
   options.session_idle_timeout =
       absl::Seconds(absl::GetFlag(FLAGS_session_idle_timeout_s));
   options.announce_period = absl::Seconds(absl::GetFlag(FLAGS_announce_period_s));
@@ -276,7 +312,8 @@ int main(int argc, char** argv) {
 
   const bool needs_model = command == "node" || command == "generate" ||
                            command == "chat" || command == "local-swarm" ||
-                           command == "finetune";
+                           command == "finetune" || command == "bench" ||
+                           command == "eval";
   if (needs_model && absl::GetFlag(FLAGS_model).empty()) {
     std::cerr << "error: pollen " << command << " needs --model DIR\n";
     return 2;
@@ -290,7 +327,39 @@ int main(int argc, char** argv) {
   }
 
   if (command == "node") return RunNode();
+  if (command == "make-checkpoint") {
+    pollen::cli::MakeCheckpointCommandOptions options;
+    options.shape = absl::GetFlag(FLAGS_shape);
+    options.num_layers = absl::GetFlag(FLAGS_layers);
+    options.dtype = absl::GetFlag(FLAGS_dtype);
+    options.out_dir = absl::GetFlag(FLAGS_out);
+    options.seed = absl::GetFlag(FLAGS_seed);
+    return pollen::cli::RunMakeCheckpointCommand(options);
+  }
+  if (command == "bench") {
+    pollen::cli::BenchCommandOptions options;
+    options.bench.model_dir = absl::GetFlag(FLAGS_model);
+    options.bench.num_nodes = absl::GetFlag(FLAGS_nodes);
+    options.bench.sessions = absl::GetFlag(FLAGS_sessions);
+    options.bench.prompt_tokens = absl::GetFlag(FLAGS_prompt_tokens);
+    options.bench.new_tokens = absl::GetFlag(FLAGS_new_tokens);
+    options.bench.repetitions = absl::GetFlag(FLAGS_repetitions);
+    options.bench.dtype = absl::GetFlag(FLAGS_dtype);
+    options.bench.threads = absl::GetFlag(FLAGS_threads);
+    options.json = absl::GetFlag(FLAGS_json);
+    return pollen::cli::RunBenchCommand(options);
+  }
   if (command == "finetune") return RunFinetune();
+  if (command == "eval") {
+    pollen::cli::EvalCommandOptions options;
+    options.model_dir = absl::GetFlag(FLAGS_model);
+    options.text_path = absl::GetFlag(FLAGS_text);
+    options.dtype = absl::GetFlag(FLAGS_dtype);
+    options.quantization = absl::GetFlag(FLAGS_quantize);
+    options.device = absl::GetFlag(FLAGS_device);
+    options.json = absl::GetFlag(FLAGS_json);
+    return pollen::cli::RunEvalCommand(options);
+  }
   if (command == "generate") return pollen::cli::RunGenerateCommand(GenerateOptionsFromFlags());
   if (command == "chat") return pollen::cli::RunChatCommand(GenerateOptionsFromFlags());
   if (command == "status") {

@@ -46,6 +46,7 @@ nlohmann::json NodeToJson(const v1::NodeRecord& record, int64_t now_ms) {
           {"prefill_throughput", record.prefill_throughput()},
           {"device", record.device()},
           {"dtype", record.dtype()},
+          {"quantization", record.quantization()},
           {"next_rtt_ms", next_rtt_ms},
           {"version", record.version()},
           {"age_s", (now_ms - record.announced_ms()) / 1000.0}};
@@ -111,6 +112,13 @@ nlohmann::json DescribeModel(DhtRegistry& registry, const std::string& model_id,
   return model;
 }
 
+// "float32", or "bfloat16+int8" for int8 weights computing in bfloat16.
+std::string DtypeLabel(const nlohmann::json& node) {
+  const std::string dtype = node["dtype"].get<std::string>();
+  const std::string quantization = node["quantization"].get<std::string>();
+  return quantization.empty() ? dtype : dtype + "+" + quantization;
+}
+
 // One line per node: "name address blocks a:b state ...".
 void PrintNode(const nlohmann::json& node,
                const std::map<std::string, nlohmann::json>& nodes) {
@@ -129,7 +137,7 @@ void PrintNode(const nlohmann::json& node,
       node["cache_tokens_left"].get<int64_t>(),
       node["throughput"].get<double>(),
       node["prefill_throughput"].get<double>(),
-      node["device"].get<std::string>(), node["dtype"].get<std::string>(),
+      node["device"].get<std::string>(), DtypeLabel(node),
       node["age_s"].get<double>());
   if (node["next_rtt_ms"].empty()) return;
 

@@ -51,10 +51,15 @@ TEST(BlockWeightBytes, MatchesLoadedBlock) {
   auto checkpoint = Checkpoint::Open(Stories260kDir());
   ASSERT_TRUE(checkpoint.ok()) << checkpoint.status();
   for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
-    auto span = BlockSpan::Load(**checkpoint, 1, 2, dtype, at::kCPU);
-    ASSERT_TRUE(span.ok()) << span.status();
-    EXPECT_EQ(BlockWeightBytes((*checkpoint)->config(), dtype),
-              (*span)->ParameterBytes());
+    for (Quantization quantization :
+         {Quantization::kNone, Quantization::kInt8}) {
+      auto span = BlockSpan::Load(**checkpoint, 1, 2, dtype, at::kCPU,
+                                  quantization);
+      ASSERT_TRUE(span.ok()) << span.status();
+      EXPECT_EQ(BlockWeightBytes((*checkpoint)->config(), dtype, quantization),
+                (*span)->ParameterBytes())
+          << c10::toString(dtype) << " " << QuantizationName(quantization);
+    }
   }
 }
 
@@ -85,11 +90,13 @@ TEST(ChooseSpanLength, RequestedIsCappedAtModel) {
   const ModelConfig& config = (*checkpoint)->config();
   std::string reason;
 
-  auto two = ChooseSpanLength(2, config, at::kFloat, at::kCPU, 1000, &reason);
+  auto two = ChooseSpanLength(2, config, at::kFloat, Quantization::kNone,
+                              at::kCPU, 1000, &reason);
   ASSERT_TRUE(two.ok()) << two.status();
   EXPECT_EQ(*two, 2);
 
-  auto capped = ChooseSpanLength(9, config, at::kFloat, at::kCPU, 1000, &reason);
+  auto capped = ChooseSpanLength(9, config, at::kFloat, Quantization::kNone,
+                                 at::kCPU, 1000, &reason);
   ASSERT_TRUE(capped.ok()) << capped.status();
   EXPECT_EQ(*capped, 5);
   EXPECT_NE(reason.find("capped"), std::string::npos) << reason;
@@ -100,7 +107,7 @@ TEST(ChooseSpanLength, StoriesFitsWhollyInMemory) {
   ASSERT_TRUE(checkpoint.ok()) << checkpoint.status();
   std::string reason;
   auto length = ChooseSpanLength(0, (*checkpoint)->config(), at::kFloat,
-                                 at::kCPU, 16384, &reason);
+                                 Quantization::kInt8, at::kCPU, 16384, &reason);
   ASSERT_TRUE(length.ok()) << length.status();
   EXPECT_EQ(*length, 5);
   EXPECT_NE(reason.find("fit in"), std::string::npos) << reason;
@@ -112,7 +119,8 @@ TEST(ChooseSpanLength, HugeCacheBudgetIsResourceExhausted) {
   std::string reason;
   // 2^50 tokens of 256 bytes each per block cannot fit anywhere.
   auto length = ChooseSpanLength(0, (*checkpoint)->config(), at::kFloat,
-                                 at::kCPU, int64_t{1} << 50, &reason);
+                                 Quantization::kNone, at::kCPU,
+                                 int64_t{1} << 50, &reason);
   EXPECT_EQ(length.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_NE(length.status().message().find("--cache-tokens"),
             absl::string_view::npos)

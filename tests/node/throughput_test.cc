@@ -34,17 +34,28 @@ TEST(ThroughputCacheKey, NamesShapeDeviceAndDtype) {
   auto checkpoint = Checkpoint::Open(Stories260kDir());
   ASSERT_TRUE(checkpoint.ok()) << checkpoint.status();
   const ModelConfig& config = (*checkpoint)->config();
+  constexpr Quantization kNone = Quantization::kNone;
 
   const std::string key =
-      ThroughputCacheKey("stories", config, at::kCPU, at::kFloat, 2);
+      ThroughputCacheKey("stories", config, at::kCPU, at::kFloat, kNone, 2);
   EXPECT_EQ(key,
             "stories hidden=64 intermediate=172 heads=8 kv_heads=4 "
             "head_dim=8 device=cpu dtype=float32 threads=2");
   EXPECT_NE(key, ThroughputCacheKey("stories", config, at::kCPU,
-                                    at::kBFloat16, 2));
-  EXPECT_NE(key, ThroughputCacheKey("stories", config,
-                                    at::Device("cuda:0"), at::kFloat, 2));
-  EXPECT_NE(key, ThroughputCacheKey("other", config, at::kCPU, at::kFloat, 2));
+                                    at::kBFloat16, kNone, 2));
+  EXPECT_NE(key, ThroughputCacheKey("stories", config, at::Device("cuda:0"),
+                                    at::kFloat, kNone, 2));
+  EXPECT_NE(key,
+            ThroughputCacheKey("other", config, at::kCPU, at::kFloat, kNone, 2));
+}
+
+TEST(ThroughputCacheKey, NamesInt8Quantization) {
+  auto checkpoint = Checkpoint::Open(Stories260kDir());
+  ASSERT_TRUE(checkpoint.ok()) << checkpoint.status();
+  EXPECT_EQ(ThroughputCacheKey("stories", (*checkpoint)->config(), at::kCPU,
+                               at::kFloat, Quantization::kInt8, 2),
+            "stories hidden=64 intermediate=172 heads=8 kv_heads=4 "
+            "head_dim=8 device=cpu dtype=float32 quantization=int8 threads=2");
 }
 
 TEST(ThroughputCache, RoundTrip) {

@@ -19,6 +19,10 @@ const std::vector<int> kStoriesReferenceIds = {
     295, 433, 426, 385, 328, 432, 358, 394, 261, 370, 432, 352,
     266, 268, 388, 426, 338, 391, 266, 267, 337, 335, 312, 432};
 const char kStoriesPrompt[] = "Once upon a time";
+const char kStoriesReferenceText[] =
+    "Once upon a time, there was a little girl named Lily. She loved to play "
+    "outside in the park. One day, she saw a big, red ball. She wanted to play "
+    "with it,";
 
 std::string SharedDir() {
   if (const char* dir = std::getenv("POLLEN_SHARED_DIR")) return dir;

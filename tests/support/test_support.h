@@ -23,6 +23,8 @@ std::string PollenBinary();
 extern const std::vector<int> kStoriesPromptIds;
 extern const std::vector<int> kStoriesReferenceIds;  // first 48 new ids
 extern const char kStoriesPrompt[];
+// The prompt and the 48 reference ids decoded: the model's own continuation.
+extern const char kStoriesReferenceText[];
 
 // A fresh directory under $TMPDIR, removed with its contents on destruction.
 class TempDir {

@@ -1,0 +1,131 @@
+#include "client/bench/greedy_decoder.h"
+
+#include <chrono>
+#include <cmath>
+#include <utility>
+
+#include <ATen/ATen.h>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_util.h"
+
+namespace pollen::bench {
+namespace {
+
+double SecondsSince(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
+      .count();
+}
+
+// A session over a whole-model span in this process: its cache and the
+// number of positions it holds.
+struct LocalSession {
+  std::shared_ptr<const node::BlockSpan> span;
+  std::vector<node::LayerKvCache> cache;
+  int64_t position = 0;
+};
+
+}  // namespace
+
+absl::StatusOr<BlockRunner> MakeLocalBlockRunner(
+    std::shared_ptr<const node::BlockSpan> span, int64_t max_length) {
+  const int num_blocks = static_cast<int>(span->config().num_hidden_layers);
+  if (span->start() != 0 || span->end() != num_blocks) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "a local runner needs every block 0:", num_blocks,
+        "; the span contains blocks ", span->start(), ":", span->end()));
+  }
+  auto session = std::make_shared<LocalSession>();
+  session->span = std::move(span);
+  POLLEN_RETURN_IF_ERROR(CatchTorchErrors(
+      absl::StrCat("allocating a KV cache of ", max_length, " positions"), [&] {
+        session->cache = session->span->AllocateCache(0, num_blocks, 1, max_length);
+        return absl::OkStatus();
+      }));
+  if (session->cache.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "cannot allocate a KV cache of ", max_length, " positions"));
+  }
+
+  return BlockRunner(
+      [session, num_blocks](const at::Tensor& hidden) -> absl::StatusOr<at::Tensor> {
+        POLLEN_ASSIGN_OR_RETURN(
+            at::Tensor output,
+            session->span->Forward(hidden, session->cache, session->position,
+                                   0, num_blocks));
+        session->position += hidden.size(1);
+        return output;
+      });
+}
+
+GreedyDecoder::GreedyDecoder(const client::ModelHead& head,
+                             BlockRunner run_blocks)
+    : head_(head), run_blocks_(std::move(run_blocks)) {}
+
+absl::Status GreedyDecoder::Prefill(const std::vector<int>& prompt_ids) {
+  if (!new_ids_.empty()) {
+    return absl::FailedPreconditionError("the prompt was fed already");
+  }
+  if (prompt_ids.empty()) {
+    return absl::InvalidArgumentError("the prompt has no tokens");
+  }
+  const int64_t vocab_size = head_.config().vocab_size;
+  for (const int id : prompt_ids) {
+    if (id < 0 || id >= vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "prompt token id ", id, " is outside the vocabulary 0..",
+          vocab_size - 1));
+    }
+  }
+
+  const auto started = std::chrono::steady_clock::now();
+  POLLEN_ASSIGN_OR_RETURN(const int next, Step(prompt_ids));
+  prefill_seconds_ = SecondsSince(started);
+  new_ids_.push_back(next);
+  return absl::OkStatus();
+}
+
+absl::Status GreedyDecoder::Decode(int steps) {
+  if (new_ids_.empty()) {
+    return absl::FailedPreconditionError("decoding needs a prefill first");
+  }
+  for (int i = 0; i < steps; ++i) {
+    const auto started = std::chrono::steady_clock::now();
+    POLLEN_ASSIGN_OR_RETURN(const int next, Step({new_ids_.back()}));
+    decode_seconds_ += SecondsSince(started);
+    ++decode_steps_;
+    new_ids_.push_back(next);
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int> GreedyDecoder::Step(const std::vector<int>& ids) {
+  at::NoGradGuard no_grad;
+  const std::vector<int64_t> wide(ids.begin(), ids.end());
+  at::Tensor hidden;
+  POLLEN_RETURN_IF_ERROR(CatchTorchErrors("embedding the input", [&] {
+    hidden = head_.Embed(at::tensor(wide, at::kLong).reshape({1, -1}));
+    return absl::OkStatus();
+  }));
+
+  POLLEN_ASSIGN_OR_RETURN(const at::Tensor output, run_blocks_(hidden));
+
+  // Logits of the last position only: [vocab] in float32. argmax picks a
+  // NaN over any number, so checking the picked logit finds NaN and +inf.
+  int64_t next = -1;
+  float best = 0;
+  POLLEN_RETURN_IF_ERROR(CatchTorchErrors("computing the logits", [&] {
+    const at::Tensor logits = head_.Logits(output.slice(1, -1))[0][0];
+    next = logits.argmax().item<int64_t>();
+    best = logits[next].item<float>();
+    return absl::OkStatus();
+  }));
+  if (!std::isfinite(best)) {
+    return absl::InternalError(absl::StrCat(
+        "the logits after token ", new_ids_.size(),
+        " are not all finite; the weights make the activations overflow"));
+  }
+  return static_cast<int>(next);
+}
+
+}  // namespace pollen::bench

@@ -1,0 +1,292 @@
+#include "node/step_batcher.h"
+
+#include <algorithm>
+#include <utility>
+
+#include <ATen/ATen.h>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "common/logging.h"
+#include "common/status_util.h"
+#include "node/block_span.h"
+#include "node/session_manager.h"
+
+namespace pollen::node {
+
+// A queued step and its progress.
+struct StepBatcher::Pending {
+  StepTask task;
+  int64_t batch = 0;
+  int64_t new_tokens = 0;
+  // New tokens already run by earlier passes.
+  int64_t tokens_done = 0;
+  // [batch, new_tokens, hidden_size] in the input's dtype, filled chunk by
+  // chunk; undefined until the first chunk of a step that takes several.
+  at::Tensor output;
+  // The step's error: OK while it runs and when it succeeded.
+  absl::Status error;
+};
+
+namespace {
+
+// Steps with equal keys may share a pass.
+struct PassKey {
+  const BlockSpan* span = nullptr;
+  int from = 0;
+  int to = 0;
+  // The session itself when it has adapters, so that it runs alone.
+  const Session* alone = nullptr;
+
+  bool operator==(const PassKey& other) const {
+    return span == other.span && from == other.from && to == other.to &&
+           alone == other.alone;
+  }
+};
+
+PassKey KeyOf(const Session& session) {
+  PassKey key;
+  key.span = session.span_key;
+  key.from = session.request.from;
+  key.to = session.request.to;
+  key.alone = session.request.adapters.empty() ? nullptr : &session;
+  return key;
+}
+
+// NOT_FOUND when the session was closed while its step waited.
+absl::Status CheckOpen(const Session& session)
+    ABSL_EXCLUSIVE_LOCKS_REQUIRED(session.mu) {
+  if (!session.closed) return absl::OkStatus();
+  return absl::NotFoundError(absl::StrCat("session '",
+                                          session.request.session_id,
+                                          "' not found: it was closed (",
+                                          session.closed_reason, ")"));
+}
+
+// Checks a step against its session before its first chunk runs.
+absl::Status CheckStep(const Session& session, int64_t position,
+                       int64_t new_tokens)
+    ABSL_EXCLUSIVE_LOCKS_REQUIRED(session.mu) {
+  const SessionRequest& request = session.request;
+  POLLEN_RETURN_IF_ERROR(CheckOpen(session));
+  if (position != session.position) {
+    return absl::AbortedError(absl::StrCat(
+        "step position ", position, " does not match the ", session.position,
+        " tokens session '", request.session_id,
+        "' holds; replay from position 0"));
+  }
+  if (session.position + new_tokens > request.max_length) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "step of ", new_tokens, " tokens at position ", session.position,
+        " exceeds max_length ", request.max_length, " of session '",
+        request.session_id, "'"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+namespace {
+
+StepBatcherOptions Sanitize(StepBatcherOptions options) {
+  options.max_pass_tokens = std::max<int64_t>(options.max_pass_tokens, 1);
+  return options;
+}
+
+}  // namespace
+
+StepBatcher::StepBatcher(StepBatcherOptions options)
+    : options_(Sanitize(std::move(options))) {}
+
+StepBatcher::~StepBatcher() {
+  absl::MutexLock lock(&mu_);
+  mu_.Await(absl::Condition(
+      +[](bool* running) { return !*running; }, &running_));
+}
+
+void StepBatcher::Submit(StepTask task) {
+  auto pending = std::make_unique<Pending>();
+  pending->batch = task.hidden.size(0);
+  pending->new_tokens = task.hidden.size(1);
+  pending->task = std::move(task);
+  {
+    absl::MutexLock lock(&mu_);
+    queued_.push_back(std::move(pending));
+    if (running_) return;
+    running_ = true;
+  }
+  RunUntilIdle();
+}
+
+void StepBatcher::RunUntilIdle() {
+  // Steps this thread has taken from the queue, oldest first. Only this
+  // thread touches them until they are done.
+  std::vector<std::unique_ptr<Pending>> active;
+  while (true) {
+    {
+      absl::MutexLock lock(&mu_);
+      for (auto& pending : queued_) active.push_back(std::move(pending));
+      queued_.clear();
+      if (active.empty()) {
+        running_ = false;
+        return;
+      }
+    }
+    RunPass(active);
+  }
+}
+
+std::vector<StepBatcher::Member> StepBatcher::ChooseMembers(
+    const std::vector<std::unique_ptr<Pending>>& active) const {
+  const Pending* oldest = active.front().get();
+  const PassKey key = KeyOf(*oldest->task.session);
+  std::vector<Member> members;
+  auto is_member = [&members](const Pending* pending) {
+    return std::any_of(members.begin(), members.end(),
+                       [pending](const Member& member) {
+                         return member.pending == pending;
+                       });
+  };
+
+  // Whole steps that fit, in arrival order: decode steps, short prompts.
+  int64_t budget = options_.max_pass_tokens;
+  for (const auto& pending : active) {
+    if (!(KeyOf(*pending->task.session) == key)) continue;
+    const int64_t left = pending->new_tokens - pending->tokens_done;
+    if (pending->batch * left > budget) continue;
+    members.push_back(Member{pending.get(), left});
+    budget -= pending->batch * left;
+  }
+
+  // Chunks of the longer steps from the tokens left; the oldest step gets
+  // at least one token whatever the budget, so it cannot starve.
+  for (const auto& pending : active) {
+    const bool is_oldest = pending.get() == oldest;
+    if ((budget <= 0 && !is_oldest) || is_member(pending.get()) ||
+        !(KeyOf(*pending->task.session) == key)) {
+      continue;
+    }
+    int64_t chunk = std::min(pending->new_tokens - pending->tokens_done,
+                             std::max<int64_t>(budget, 0) / pending->batch);
+    if (chunk < 1 && is_oldest) chunk = 1;
+    if (chunk < 1) continue;
+    members.push_back(Member{pending.get(), chunk});
+    budget -= pending->batch * chunk;
+  }
+  return members;
+}
+
+void StepBatcher::RunPass(std::vector<std::unique_ptr<Pending>>& active) {
+  const PassKey key = KeyOf(*active.front()->task.session);
+  const std::vector<Member> members = ChooseMembers(active);
+
+  // Lock the sessions for the pass, in address order: only this thread
+  // holds several at once, but absl's deadlock detector aborts the process
+  // when two passes take them in opposite orders.
+  std::vector<Session*> sessions;
+  for (const Member& member : members) {
+    sessions.push_back(member.pending->task.session.get());
+  }
+  std::sort(sessions.begin(), sessions.end());
+  std::vector<std::unique_ptr<absl::MutexLock>> locks;
+  for (Session* session : sessions) {
+    locks.push_back(std::make_unique<absl::MutexLock>(&session->mu));
+  }
+
+  // Check each step and gather the pass's entries.
+  std::vector<SpanBatchEntry> entries;
+  std::vector<Pending*> running;  // the members behind `entries`
+  std::shared_ptr<const BlockSpan> span;
+  for (const Member& member : members) {
+    Pending& pending = *member.pending;
+    Session& session = *pending.task.session;
+    pending.error = pending.tokens_done == 0
+                        ? CheckStep(session, pending.task.position,
+                                    pending.new_tokens)
+                        : CheckOpen(session);
+    if (!pending.error.ok()) continue;
+    span = session.span;
+    SpanBatchEntry entry;
+    entry.hidden =
+        pending.task.hidden.narrow(1, pending.tokens_done, member.chunk);
+    entry.cache = &session.cache;
+    entry.position = session.position + pending.tokens_done;
+    entries.push_back(std::move(entry));
+    running.push_back(&pending);
+  }
+
+  // Run the pass. A session with adapters runs alone, through Forward.
+  absl::StatusOr<std::vector<at::Tensor>> outputs;
+  if (!entries.empty()) {
+    ++passes_run_;
+    if (key.alone != nullptr) {
+      absl::StatusOr<at::Tensor> output = span->Forward(
+          entries[0].hidden, *entries[0].cache, entries[0].position, key.from,
+          key.to, &running[0]->task.session->request.adapters);
+      if (output.ok()) {
+        outputs = std::vector<at::Tensor>{std::move(*output)};
+      } else {
+        outputs = output.status();
+      }
+    } else {
+      outputs = span->ForwardBatch(entries, key.from, key.to);
+    }
+  }
+
+  // Collect each step's chunk; a step is done when its last chunk ran, and
+  // only then does its session hold the new tokens.
+  for (size_t i = 0; i < running.size(); ++i) {
+    Pending& pending = *running[i];
+    if (!outputs.ok()) {
+      pending.error = outputs.status();
+      continue;
+    }
+    const int64_t chunk = entries[i].hidden.size(1);
+    pending.error = CatchTorchErrors("collecting a step's output", [&] {
+      at::Tensor& chunk_output = (*outputs)[i];
+      if (pending.tokens_done == 0 && chunk == pending.new_tokens) {
+        pending.output = std::move(chunk_output);
+      } else {
+        if (!pending.output.defined()) {
+          pending.output =
+              at::empty(pending.task.hidden.sizes(), chunk_output.options());
+        }
+        pending.output.narrow(1, pending.tokens_done, chunk).copy_(chunk_output);
+      }
+      return absl::OkStatus();
+    });
+    if (!pending.error.ok()) continue;
+    pending.tokens_done += chunk;
+    if (pending.tokens_done == pending.new_tokens) {
+      Session& session = *pending.task.session;
+      session.position += pending.new_tokens;
+      session.last_used = absl::Now();
+    }
+  }
+  entries.clear();
+  locks.clear();
+  span.reset();
+
+  // Report finished and failed steps, without locks, and drop them.
+  std::vector<std::unique_ptr<Pending>> finished;
+  for (auto it = active.begin(); it != active.end();) {
+    Pending& pending = **it;
+    if (pending.error.ok() && pending.tokens_done < pending.new_tokens) {
+      ++it;
+      continue;
+    }
+    finished.push_back(std::move(*it));
+    it = active.erase(it);
+  }
+  for (const auto& pending : finished) {
+    StepTask& task = pending->task;
+    if (pending->error.ok()) {
+      task.done(std::move(pending->output));
+    } else {
+      task.done(pending->error);
+    }
+    task.inference_scope.reset();
+  }
+}
+
+}  // namespace pollen::node
