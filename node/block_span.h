@@ -93,7 +93,7 @@ class BlockSpan {
   // cache and positions (see LlamaBlock::ForwardBatch). Returns one output
   // per entry, [batch, new_tokens, hidden_size] in the dtype and on the
   // device of its hidden states, equal to what Forward returns for that
-  // entry alone up to floating-point rounding. Errors as Forward; an error
+  // entry alone up to floating-point rounding. Errors as Forward. An error
   // fails the whole pass, and the caches may then hold writes at the
   // entries' new positions, which their next steps overwrite.
   absl::StatusOr<std::vector<at::Tensor>> ForwardBatch(

@@ -69,7 +69,7 @@ void InferenceReactor::OnReadDone(bool ok) {
       status = HandleOpen(request_.open());
       break;
     case v1::InferenceRequest::kStep:
-      // On success the step runs now or later, and StepDone replies; this
+      // On success the step runs now or later, and StepDone replies. This
       // thread must not touch the reactor afterwards, because the reply
       // may already have led to the next read, or to OnDone.
       status = SubmitStep(request_.step());

@@ -115,10 +115,10 @@ class LlamaBlock {
   // Runs the block on the new tokens of several sessions at once, each with
   // its own cache and positions. `hidden` is [rows, hidden_size]: the
   // [batch, tokens] rows of each slice in row-major order, one slice after
-  // the other. The projections and the MLP run on all rows together, so
-  // the weights are read once per call; attention runs per slice, exactly
-  // as Forward does for that session alone. Returns [rows, hidden_size] in
-  // the block's dtype.
+  // the other. The projections and the MLP run on all rows together, so the
+  // weights are read once per call. Attention runs per slice, as Forward
+  // does for that session alone. Returns [rows, hidden_size] in the block's
+  // dtype.
   //
   // Throws c10::Error as Forward does for any slice, or when the slices do
   // not add up to the rows of `hidden`.
@@ -174,9 +174,9 @@ class LlamaBlock {
   void CheckSlice(const SequenceSlice& slice) const;
 
   // Whether ForwardFloatCpu (node/cpu_block_forward.h) may run `slices` on
-  // `hidden`: a float32 CPU block without quantisation, no autograd, and
-  // contiguous float32 caches, and at most kFloatCpuMaxTokens new tokens
-  // per slice.
+  // `hidden`: it needs a float32 CPU block without quantisation, no
+  // autograd, contiguous float32 caches and at most kFloatCpuMaxTokens new
+  // tokens per slice.
   bool CanRunFloatCpu(const at::Tensor& hidden,
                       const std::vector<SequenceSlice>& slices) const;
 

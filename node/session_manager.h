@@ -69,8 +69,8 @@ struct SessionLimits {
   absl::Duration idle_timeout = absl::Seconds(300);
   // Largest batch one session may use.
   int64_t max_batch_size = 64;
-  // Most tokens (sequences x new tokens) in one forward pass; longer steps
-  // run in chunks of this size (StepBatcherOptions::max_pass_tokens).
+  // Maximum tokens (sequences x new tokens) in one forward pass. Longer
+  // steps run in chunks of this size (StepBatcherOptions::max_pass_tokens).
   int64_t prefill_chunk_tokens = 512;
 };
 

@@ -131,9 +131,40 @@ void StepBatcher::RunUntilIdle() {
         running_ = false;
         return;
       }
+
+      // Sessions that stepped in the last passes send their next steps a
+      // network round trip after their replies. Waiting a small part of a
+      // pass for them lets them share this pass, instead of each pass
+      // taking whichever half of the sessions has arrived. While one
+      // session is active and no other stepped in the last two passes,
+      // nothing waits.
+      const size_t expected = RecentSessions(absl::Now());
+      if (active.size() < expected) {
+        const absl::Duration wait =
+            std::min(last_pass_time_ * kGatherFraction, kMaxGatherWait);
+        const size_t steps_taken = active.size();
+        auto arrived = [this, steps_taken, expected]()
+                           ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+                             return steps_taken + queued_.size() >= expected;
+                           };
+        mu_.AwaitWithTimeout(absl::Condition(&arrived), wait);
+        for (auto& pending : queued_) active.push_back(std::move(pending));
+        queued_.clear();
+      }
     }
     RunPass(active);
   }
+}
+
+size_t StepBatcher::RecentSessions(absl::Time now) {
+  const absl::Time since = now - (2 * last_pass_time_ + kRoundTripAllowance);
+  while (!recent_steps_.empty() && recent_steps_.front().second < since) {
+    recent_steps_.pop_front();
+  }
+  std::vector<const Session*> sessions;
+  for (const auto& [session, time] : recent_steps_) sessions.push_back(session);
+  std::sort(sessions.begin(), sessions.end());
+  return std::unique(sessions.begin(), sessions.end()) - sessions.begin();
 }
 
 std::vector<StepBatcher::Member> StepBatcher::ChooseMembers(
@@ -217,6 +248,7 @@ void StepBatcher::RunPass(std::vector<std::unique_ptr<Pending>>& active) {
 
   // Run the pass. A session with adapters runs alone, through Forward.
   absl::StatusOr<std::vector<at::Tensor>> outputs;
+  const absl::Time pass_start = absl::Now();
   if (!entries.empty()) {
     ++passes_run_;
     if (key.alone != nullptr) {
@@ -231,6 +263,14 @@ void StepBatcher::RunPass(std::vector<std::unique_ptr<Pending>>& active) {
     } else {
       outputs = span->ForwardBatch(entries, key.from, key.to);
     }
+  }
+
+  const absl::Time pass_end = absl::Now();
+  if (!entries.empty()) {
+    last_pass_time_ = pass_end - pass_start;
+    POLLEN_LOG_DEBUG("pass of {} step(s) on blocks {}:{} took {:.3f} ms",
+                     entries.size(), key.from, key.to,
+                     absl::ToDoubleMilliseconds(last_pass_time_));
   }
 
   // Collect each step's chunk; a step is done when its last chunk ran, and
@@ -274,6 +314,9 @@ void StepBatcher::RunPass(std::vector<std::unique_ptr<Pending>>& active) {
     if (pending.error.ok() && pending.tokens_done < pending.new_tokens) {
       ++it;
       continue;
+    }
+    if (pending.error.ok()) {
+      recent_steps_.emplace_back(pending.task.session.get(), pass_end);
     }
     finished.push_back(std::move(*it));
     it = active.erase(it);

@@ -8,6 +8,7 @@
 #include <deque>
 #include <functional>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
@@ -15,6 +16,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "node/compute_queue.h"
 
 namespace pollen::node {
@@ -51,7 +53,9 @@ struct StepBatcherOptions {
 // running runs passes itself until nothing is queued, while Submits from
 // other threads only queue their task. A pass takes the steps that are
 // queued when it starts, so one session runs with no wait and concurrent
-// sessions share passes.
+// sessions share passes. When sessions that stepped in the last two passes
+// have not sent their next step yet, a pass first waits for them, at most
+// a quarter of the previous pass's time and 5 ms, so that they share it.
 //
 // A pass contains steps of one span and block range. Steps of sessions with
 // LoRA adapters or deep prompts run alone. Within that, steps that fit the
@@ -60,8 +64,8 @@ struct StepBatcherOptions {
 // always gets at least one token, so every step progresses.
 //
 // Each pass checks, under each session's lock, that the session is open,
-// that the step's position equals the tokens it holds and that the step
-// fits max_length; a step that fails gets the error and the others run. An
+// that the step's position equals the tokens it contains and that the step
+// fits max_length. A step that fails gets the error, and the others run. An
 // error inside the pass fails every step in it. A session's position
 // advances when its whole step is done.
 class StepBatcher {
@@ -94,6 +98,10 @@ class StepBatcher {
   // Runs passes until no step is queued or unfinished.
   void RunUntilIdle();
 
+  // Counts the sessions whose steps finished in the last two passes (plus
+  // a round trip); prunes older entries of recent_steps_.
+  size_t RecentSessions(absl::Time now);
+
   // Chooses the steps of the next pass from `active`, oldest first.
   std::vector<Member> ChooseMembers(
       const std::vector<std::unique_ptr<Pending>>& active) const;
@@ -102,8 +110,22 @@ class StepBatcher {
   // failed, and calls their `done`.
   void RunPass(std::vector<std::unique_ptr<Pending>>& active);
 
+  // A pass waits at most this part of the previous pass's duration, and at
+  // most kMaxGatherWait, for the steps of recently active sessions.
+  static constexpr double kGatherFraction = 0.25;
+  static constexpr absl::Duration kMaxGatherWait = absl::Milliseconds(5);
+  // Time a session takes from its reply to its next step on loopback, as an
+  // allowance when counting recent sessions.
+  static constexpr absl::Duration kRoundTripAllowance = absl::Milliseconds(1);
+
   const StepBatcherOptions options_;
   std::atomic<int64_t> passes_run_{0};
+
+  // Used only by the thread that runs passes; the hand-over between
+  // threads goes through mu_.
+  absl::Duration last_pass_time_ = absl::ZeroDuration();
+  // Sessions whose steps finished recently, and when, oldest first.
+  std::deque<std::pair<const Session*, absl::Time>> recent_steps_;
 
   absl::Mutex mu_;
   std::deque<std::unique_ptr<Pending>> queued_ ABSL_GUARDED_BY(mu_);

@@ -33,7 +33,7 @@
 namespace pollen::testing {
 namespace {
 
-// Positions one session holds before the benchmark opens a new one.
+// Maximum positions of one session; the benchmark then opens a new one.
 constexpr int64_t kMaxLength = 256;
 constexpr int64_t kPromptTokens = 8;
 
@@ -100,8 +100,11 @@ class BenchSwarm {
     for (int i = 0; i < nodes; ++i) {
       const int start = blocks * i / nodes;
       const int end = blocks * (i + 1) / nodes;
-      auto index = swarm_.StartNode(model_dir, model_id_, start, end,
-                                    {"--throughput", "100"});
+      std::vector<std::string> flags = {"--throughput", "100"};
+      if (const char* threads = std::getenv("POLLEN_BENCH_NODE_THREADS")) {
+        flags.insert(flags.end(), {"--threads", threads});
+      }
+      auto index = swarm_.StartNode(model_dir, model_id_, start, end, flags);
       if (!index.ok()) {
         fprintf(stderr, "%s\n", index.status().ToString().c_str());
         std::abort();
@@ -187,6 +190,7 @@ BENCHMARK(BM_SwarmDecode)
 // for instance one written by `pollen make-checkpoint --shape
 // tinyllama-1.1b`, of which the node serves the first POLLEN_BENCH_BLOCKS
 // blocks (2 by default). Compare the rate of 8 threads with that of 1.
+// POLLEN_BENCH_NODE_THREADS sets the nodes' --threads in every benchmark.
 void BM_LargeModelDecode(benchmark::State& state) {
   const char* model_dir = std::getenv("POLLEN_BENCH_MODEL");
   if (model_dir == nullptr) {

@@ -304,8 +304,8 @@ TEST_F(StepBatcherTest, StepsQueuedTogetherShareOnePass) {
     expected.push_back(*output);
   }
 
-  // Session 0's step runs first. While its pass reports, the other three
-  // steps are queued from other threads; they then run together.
+  // Session 0's step runs first. Its done callback queues the other three
+  // steps from other threads, so they run together in the next pass.
   const int64_t passes_before = manager->batcher().passes_run();
   std::vector<absl::StatusOr<at::Tensor>> results(kSessions);
   absl::Notification all_done;
