@@ -31,7 +31,7 @@ class Client::Impl {
   std::unique_ptr<client::ModelHead> head;
   std::unique_ptr<client::Tokenizer> tokenizer;
   std::unique_ptr<client::SwarmClient> swarm;
-  client::ChannelPool channels;
+  ChannelPool channels;
   // The adapter of options.adapter_dir, or none.
   std::optional<client::AdapterSet> adapters;
   // Its LoRA weights and deep prompts, sent when a session opens.
@@ -63,6 +63,7 @@ class Client::Impl {
     chain_options.max_length = max_length;
     chain_options.step_timeout = options.step_timeout;
     chain_options.adapters = block_adapters;
+    chain_options.push = options.push;
     chain_options.reroute = [this, max_length](
                                 int start, int end,
                                 const std::set<std::string>& excluded) {

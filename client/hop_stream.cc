@@ -55,14 +55,35 @@ absl::Status HopStream::Open(const v1::InferenceOpen& open,
 absl::StatusOr<HopStream::StepOutput> HopStream::Step(const at::Tensor& hidden,
                                                       int64_t position,
                                                       absl::Duration timeout) {
+  POLLEN_RETURN_IF_ERROR(Send(hidden, position, {}));
+  return Receive(timeout);
+}
+
+absl::Status HopStream::Send(const at::Tensor& hidden, int64_t position,
+                             const std::vector<v1::PushTarget>& push_to) {
+  POLLEN_RETURN_IF_ERROR(CheckUsable());
   v1::InferenceStep* step = request_.mutable_step();
   POLLEN_RETURN_IF_ERROR(TensorToProto(hidden, step->mutable_hidden_states()));
   step->set_position(static_cast<uint32_t>(position));
-  POLLEN_RETURN_IF_ERROR(Exchange(timeout));
+  step->clear_push_to();
+  for (const v1::PushTarget& target : push_to) *step->add_push_to() = target;
+
+  // The write completes while Receive waits; request_ stays untouched
+  // until then.
+  operation_failed_ = false;
+  stream_->Write(request_, kOperationTag);
+  ++pending_;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<HopStream::StepOutput> HopStream::Receive(
+    absl::Duration timeout) {
+  POLLEN_RETURN_IF_ERROR(AwaitReply(timeout));
 
   // The output is copied out of the response, which the next step reuses.
   StepOutput output;
   output.draining = response_.draining();
+  output.pushed = response_.pushed();
   POLLEN_ASSIGN_OR_RETURN(
       output.hidden,
       TensorFromProto(response_.hidden_states(),
@@ -70,19 +91,30 @@ absl::StatusOr<HopStream::StepOutput> HopStream::Step(const at::Tensor& hidden,
   return output;
 }
 
-absl::Status HopStream::Exchange(absl::Duration timeout) {
+absl::Status HopStream::CheckUsable() const {
   if (failed_ || closed_) {
     return absl::FailedPreconditionError(absl::StrCat(
         "stream to ", DescribeHop(hop_), " already failed or closed"));
   }
+  return absl::OkStatus();
+}
+
+absl::Status HopStream::Exchange(absl::Duration timeout) {
+  POLLEN_RETURN_IF_ERROR(CheckUsable());
+  operation_failed_ = false;
+  stream_->Write(request_, kOperationTag);
+  ++pending_;
+  return AwaitReply(timeout);
+}
+
+absl::Status HopStream::AwaitReply(absl::Duration timeout) {
+  POLLEN_RETURN_IF_ERROR(CheckUsable());
   const Clock::time_point deadline =
       Clock::now() + absl::ToChronoMilliseconds(timeout);
 
-  // One write and one read in flight, both polled here.
-  operation_failed_ = false;
-  stream_->Write(request_, kOperationTag);
+  // The read, and the write when one is in flight, are polled here.
   stream_->Read(&response_, kOperationTag);
-  pending_ += 2;
+  ++pending_;
   if (!AwaitPending(deadline)) {
     Cancel();
     failed_ = true;
@@ -131,6 +163,12 @@ bool HopStream::AwaitPending(Clock::time_point deadline) {
 void HopStream::Cancel() {
   context_.TryCancel();
   AwaitPending(Clock::time_point::max());
+}
+
+void HopStream::Abort() {
+  if (stream_ == nullptr || closed_) return;
+  closed_ = true;
+  Cancel();
 }
 
 void HopStream::Close() {

@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
 #include <grpcpp/grpcpp.h>
@@ -29,6 +30,8 @@ class HopStream {
   struct StepOutput {
     at::Tensor hidden;  // [batch, new_tokens, hidden], owning its memory
     bool draining = false;
+    // The node pushed `hidden` to the first of the step's push targets.
+    bool pushed = false;
   };
 
   HopStream(scheduler::RouteHop hop, std::shared_ptr<grpc::Channel> channel);
@@ -48,6 +51,18 @@ class HopStream {
   absl::StatusOr<StepOutput> Step(const at::Tensor& hidden, int64_t position,
                                   absl::Duration timeout);
 
+  // The two halves of Step. Send starts writing the step, asking the node
+  // to push its output to `push_to` (the sessions of the following hops,
+  // nearest first; empty for none), and returns at once. Receive waits for
+  // the reply to the step sent last, or, when the previous node pushed this
+  // hop's step, for the reply to that.
+  absl::Status Send(const at::Tensor& hidden, int64_t position,
+                    const std::vector<v1::PushTarget>& push_to);
+  absl::StatusOr<StepOutput> Receive(absl::Duration timeout);
+
+  // Cancels the stream at once, for a stream whose state is unknown.
+  void Abort();
+
   // Half-closes the stream and collects the node's status, so that the node
   // frees the session at once. A node that does not finish within 5 s, or a
   // stream that failed, is cancelled instead. Idempotent.
@@ -61,6 +76,13 @@ class HopStream {
   // Writes request_ and reads response_ within `timeout`. On failure it
   // collects the node's status, so that the error gives the reason.
   absl::Status Exchange(absl::Duration timeout);
+
+  // Reads response_, and waits for it and any write in flight, within
+  // `timeout`. Errors as Exchange.
+  absl::Status AwaitReply(absl::Duration timeout);
+
+  // Fails when the stream already failed or was closed.
+  absl::Status CheckUsable() const;
 
   // Waits until every started operation is back from the queue, or until
   // `deadline`. Returns false at the deadline. Sets operation_failed_ when

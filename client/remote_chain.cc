@@ -15,12 +15,6 @@
 namespace pollen::client {
 namespace {
 
-constexpr int kMaxMessageBytes = static_cast<int>(kMaxTensorBytes + (1 << 20));
-
-// HTTP/2 flow-control window of a stream: hidden states of a 512-token
-// prefill of an 8192-wide float32 model (16 MiB) in one round trip.
-constexpr int kStreamWindowBytes = 16 << 20;
-
 std::string DescribeHop(const scheduler::RouteHop& hop) {
   return absl::StrCat("node ", hop.server.node_id.substr(0, 12), " at ",
                       hop.server.address, " (blocks ", hop.start, ":",
@@ -66,35 +60,6 @@ bool IsFailoverError(const absl::Status& status) {
   }
 }
 
-std::shared_ptr<grpc::Channel> ChannelPool::Get(const std::string& address) {
-  absl::MutexLock lock(&mu_);
-  auto it = channels_.find(address);
-  if (it != channels_.end()) return it->second;
-
-  grpc::ChannelArguments arguments;
-  arguments.SetMaxReceiveMessageSize(kMaxMessageBytes);
-  arguments.SetMaxSendMessageSize(kMaxMessageBytes);
-  // Keepalive pings find a dead node during a long wait between steps.
-  arguments.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 20000);
-  arguments.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
-  // A failed node should be reported at once rather than retried for the
-  // default backoff of up to two minutes.
-  arguments.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 200);
-  arguments.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 2000);
-  // Each channel gets its own connection, so that a stuck node cannot delay
-  // streams to other nodes sharing a subchannel.
-  arguments.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
-  // gRPC's bandwidth-delay probe sends pings as data arrives, and each ping
-  // wakes both sides once more per step. A fixed window of
-  // kStreamWindowBytes replaces the window the probe would have grown.
-  arguments.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
-  arguments.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, kStreamWindowBytes);
-  auto channel = grpc::CreateCustomChannel(
-      address, grpc::InsecureChannelCredentials(), arguments);
-  channels_[address] = channel;
-  return channel;
-}
-
 std::string NewSessionId() {
   std::random_device device;
   std::mt19937_64 generator((static_cast<uint64_t>(device()) << 32) ^ device());
@@ -105,6 +70,7 @@ std::string NewSessionId() {
 struct InferenceChain::Hop {
   scheduler::RouteHop route_hop;
   std::unique_ptr<HopStream> stream;  // null until opened
+  std::string stream_session_id;      // the session id the stream opened
   // Hidden states sent to this hop: one [batch, tokens, hidden] tensor per
   // completed step, or one for a replay. Together they cover positions
   // [0, position_).
@@ -159,13 +125,16 @@ void InferenceChain::RecordFailure(const std::string& node_id) {
   if (options_.on_node_failure) options_.on_node_failure(node_id);
 }
 
+std::string InferenceChain::NextStreamId() {
+  return absl::StrCat(session_id_, ".", streams_opened_++);
+}
+
 absl::Status InferenceChain::EnsureOpen(size_t index) {
   Hop& hop = *hops_[index];
   if (hop.stream != nullptr) return absl::OkStatus();
   auto stream = std::make_unique<HopStream>(
       hop.route_hop, channels_.Get(hop.route_hop.server.address));
-  const std::string stream_session_id =
-      absl::StrCat(session_id_, ".", failovers_, ".", index);
+  const std::string stream_session_id = NextStreamId();
   const absl::Status opened = stream->Open(
       MakeOpenMessage(options_, hop.route_hop, stream_session_id),
       options_.step_timeout);
@@ -174,6 +143,7 @@ absl::Status InferenceChain::EnsureOpen(size_t index) {
     return opened;
   }
   hop.stream = std::move(stream);
+  hop.stream_session_id = stream_session_id;
   return absl::OkStatus();
 }
 
@@ -188,10 +158,10 @@ InferenceChain::OpenAndReplay(const std::vector<scheduler::RouteHop>& route,
     hop->route_hop = route[i];
     hop->stream = std::make_unique<HopStream>(
         route[i], channels_.Get(route[i].server.address));
+    hop->stream_session_id = NextStreamId();
     *failed_node = route[i].server.node_id;
     POLLEN_RETURN_IF_ERROR(hop->stream->Open(
-        MakeOpenMessage(options_, route[i],
-                        absl::StrCat(session_id_, ".", failovers_, ".r", i)),
+        MakeOpenMessage(options_, route[i], hop->stream_session_id),
         options_.step_timeout));
 
     // Replaying the whole history as one step rebuilds the node's cache.
@@ -252,24 +222,79 @@ absl::Status InferenceChain::ReplaceHop(size_t index, const std::string& reason)
   return last_error;
 }
 
-absl::StatusOr<at::Tensor> InferenceChain::Step(const at::Tensor& hidden) {
-  at::Tensor current = hidden;
-  int failovers_this_step = 0;
-  for (size_t i = 0; i < hops_.size();) {
-    absl::Status status = EnsureOpen(i);
-    if (status.ok()) {
-      auto output = hops_[i]->stream->Step(current, position_,
-                                           options_.step_timeout);
-      if (output.ok()) {
-        hops_[i]->inputs.push_back(current);
-        hops_[i]->draining = hops_[i]->draining || output->draining;
-        current = output->hidden;
-        ++i;
-        continue;
+absl::Status InferenceChain::RestartHop(size_t index) {
+  Hop& hop = *hops_[index];
+  if (hop.stream) hop.stream->Abort();
+  const at::Tensor history =
+      hop.inputs.empty() ? at::Tensor() : at::cat(hop.inputs, 1);
+  std::string failed_node;
+  auto restarted = OpenAndReplay({hop.route_hop}, history, &failed_node);
+  if (restarted.ok()) {
+    POLLEN_LOG_INFO("session {}: restarted {} from {} kept positions",
+                    session_id_, DescribeHop(hop.route_hop), position_);
+    hops_[index] = std::move(restarted->front());
+    return absl::OkStatus();
+  }
+  if (!IsFailoverError(restarted.status())) return restarted.status();
+  if (!failed_node.empty()) RecordFailure(failed_node);
+  return ReplaceHop(index, std::string(restarted.status().message()));
+}
+
+absl::Status InferenceChain::RunHops(size_t first, at::Tensor* hidden,
+                                     bool push, size_t* failed) {
+  // Set when the previous node pushed this hop's input, so that the client
+  // only collects the reply.
+  bool pushed_here = false;
+  for (size_t i = first; i < hops_.size(); ++i) {
+    *failed = i;
+    POLLEN_RETURN_IF_ERROR(EnsureOpen(i));
+    Hop& hop = *hops_[i];
+    const bool push_next = push && i + 1 < hops_.size();
+
+    absl::Status sent = absl::OkStatus();
+    if (!pushed_here) {
+      std::vector<v1::PushTarget> push_to;
+      for (size_t j = i + 1; push_next && j < hops_.size(); ++j) {
+        v1::PushTarget& target = push_to.emplace_back();
+        target.set_address(hops_[j]->route_hop.server.address);
+        target.set_session_id(hops_[j]->stream_session_id);
       }
-      status = output.status();
-      RecordFailure(hops_[i]->route_hop.server.node_id);
+      sent = hop.stream->Send(*hidden, position_, push_to);
     }
+    absl::StatusOr<HopStream::StepOutput> output =
+        sent.ok() ? hop.stream->Receive(options_.step_timeout)
+                  : absl::StatusOr<HopStream::StepOutput>(sent);
+    if (!output.ok()) {
+      RecordFailure(hop.route_hop.server.node_id);
+      return output.status();
+    }
+
+    hop.inputs.push_back(*hidden);
+    hop.draining = hop.draining || output->draining;
+    *hidden = std::move(output->hidden);
+    pushed_here = push_next && output->pushed;
+    if (push_next && !output->pushed) {
+      POLLEN_LOG_DEBUG("session {}: {} did not push its output; relaying it",
+                       session_id_, DescribeHop(hop.route_hop));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<at::Tensor> InferenceChain::Step(const at::Tensor& hidden) {
+  // A push names the sessions of the later hops, so every hop must be open.
+  bool push = options_.push && hops_.size() > 1;
+  for (size_t i = 0; push && i < hops_.size(); ++i) {
+    if (hops_[i]->stream == nullptr) push = false;
+  }
+
+  at::Tensor current = hidden;
+  size_t first = 0;
+  int failovers_this_step = 0;
+  while (true) {
+    size_t failed = first;
+    const absl::Status status = RunHops(first, &current, push, &failed);
+    if (status.ok()) break;
 
     // The hop failed: move its blocks to other nodes and run this step
     // again from the same hop.
@@ -279,7 +304,17 @@ absl::StatusOr<at::Tensor> InferenceChain::Step(const at::Tensor& hidden) {
     }
     POLLEN_LOG_WARN("session {} at position {}: {}", session_id_, position_,
                     status.ToString());
-    POLLEN_RETURN_IF_ERROR(ReplaceHop(i, std::string(status.message())));
+    if (push) {
+      // Later nodes may have run this step from a push, or may still run
+      // it: restart them from their kept inputs, and relay the rest of the
+      // step.
+      for (size_t j = failed + 1; j < hops_.size(); ++j) {
+        POLLEN_RETURN_IF_ERROR(RestartHop(j));
+      }
+      push = false;
+    }
+    POLLEN_RETURN_IF_ERROR(ReplaceHop(failed, std::string(status.message())));
+    first = failed;
   }
   position_ += hidden.size(1);
   MigrateDrainingHops();

@@ -23,21 +23,11 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "common/channel_pool.h"
 #include "pollen/v1/pollen.grpc.pb.h"
 #include "scheduler/route.h"
 
 namespace pollen::client {
-
-// Creates and reuses one channel per node address. Thread-safe.
-class ChannelPool {
- public:
-  std::shared_ptr<grpc::Channel> Get(const std::string& address);
-
- private:
-  absl::Mutex mu_;
-  std::map<std::string, std::shared_ptr<grpc::Channel>> channels_
-      ABSL_GUARDED_BY(mu_);
-};
 
 // Finds nodes for blocks [start, end) that are not in `excluded`.
 using RerouteFunction = std::function<absl::StatusOr<std::vector<scheduler::RouteHop>>(
@@ -59,6 +49,10 @@ struct ChainOptions {
   // Per-block LoRA weights and deep prompts; each hop's InferenceOpen
   // carries the entries of its blocks, also when a failover reopens it.
   std::vector<v1::BlockAdapters> adapters;
+  // Server-to-server push: each node sends its output straight to the next
+  // node, and the client only sends the first hop's input. A hop whose push
+  // fails gets its input from the client instead.
+  bool push = false;
 };
 
 // True for errors after which another node may succeed: the node is gone,
@@ -98,6 +92,21 @@ class InferenceChain {
 
   // Opens hop `index` if it has no stream yet.
   absl::Status EnsureOpen(size_t index);
+  // The id of the next stream this chain opens, unique on every node.
+  std::string NextStreamId();
+  // Runs `hidden` through hops [first, end), each node pushing to the next
+  // when `push` is set. Returns the last output, or the error of the hop
+  // that failed, whose index goes to `failed`.
+  // Runs `*hidden` through hops [first, end), each node pushing to the
+  // next when `push` is set; `*hidden` becomes each hop's output in turn.
+  // On failure it is the input of the hop that failed, whose index goes to
+  // `failed`.
+  absl::Status RunHops(size_t first, at::Tensor* hidden, bool push,
+                       size_t* failed);
+  // Opens a new session on the node of hop `index` and replays its kept
+  // inputs, for a hop that may or may not have run the current step.
+  // Replaces the hop with other nodes when its node fails.
+  absl::Status RestartHop(size_t index);
   // Replaces hop `index` with nodes found by options_.reroute (one or more
   // hops over the same blocks), replaying its kept inputs into them.
   absl::Status ReplaceHop(size_t index, const std::string& reason);
@@ -119,6 +128,7 @@ class InferenceChain {
   std::set<std::string> excluded_nodes_;
   int64_t position_ = 0;
   int failovers_ = 0;
+  int streams_opened_ = 0;
 };
 
 // Returns a random 128-bit session id as hex.

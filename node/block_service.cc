@@ -133,6 +133,40 @@ grpc::ServerUnaryReactor* BlockServiceImpl::Info(
   return reactor;
 }
 
+grpc::ServerUnaryReactor* BlockServiceImpl::Push(
+    grpc::CallbackServerContext* call, const v1::PushRequest* request,
+    v1::PushResponse* /*response*/) {
+  grpc::ServerUnaryReactor* reactor = call->DefaultReactor();
+  const v1::InferenceStep& step = request->step();
+  absl::Status status;
+  if (step.session_id().empty() ||
+      step.session_id().size() > static_cast<size_t>(kMaxSessionIdLength)) {
+    status = absl::InvalidArgumentError(absl::StrCat(
+        "step.session_id must have 1 to ", kMaxSessionIdLength,
+        " characters, got ", step.session_id().size()));
+  } else {
+    absl::StatusOr<std::shared_ptr<Session>> session =
+        context_->sessions->Find(step.session_id());
+    if (!session.ok()) {
+      status = session.status();
+    } else if ((*session)->request.mailbox == nullptr) {
+      status = absl::FailedPreconditionError(absl::StrCat(
+          "session '", step.session_id(), "' does not take pushed steps"));
+    } else {
+      // The pushing node learns at once that the step is taken, and this
+      // thread then runs it when no other pass is running.
+      status = (*session)->request.mailbox->Deliver(
+          *session, step, [reactor] { reactor->Finish(grpc::Status::OK); });
+      if (status.ok()) return reactor;
+    }
+  }
+  POLLEN_LOG_WARN("rejected a push for session {} from {}: {}",
+                  step.session_id().substr(0, kMaxSessionIdLength),
+                  call->peer(), status.ToString());
+  reactor->Finish(ToGrpcStatus(status));
+  return reactor;
+}
+
 grpc::ServerUnaryReactor* BlockServiceImpl::MoveBlocks(
     grpc::CallbackServerContext* call, const v1::MoveBlocksRequest* request,
     v1::MoveBlocksResponse* response) {

@@ -16,6 +16,7 @@
 #include "absl/synchronization/mutex.h"
 #include "common/model_config.h"
 #include "node/compute_queue.h"
+#include "node/step_pusher.h"
 #include "pollen/v1/pollen.grpc.pb.h"
 
 namespace pollen::node {
@@ -77,6 +78,8 @@ struct ServiceContext {
   std::atomic<bool> draining{false};
   // Runs Forward and Backward passes one at a time, after inference steps.
   ComputeQueue compute;
+  // Sends step outputs to the next node when a client asks for a push.
+  StepPusher pusher;
 };
 
 // Thread-safe; gRPC calls its methods from its own threads.
@@ -90,6 +93,10 @@ class BlockServiceImpl final : public v1::BlockService::CallbackService {
   grpc::ServerUnaryReactor* Info(grpc::CallbackServerContext* call,
                                  const v1::InfoRequest* request,
                                  v1::InfoResponse* response) override;
+
+  grpc::ServerUnaryReactor* Push(grpc::CallbackServerContext* call,
+                                 const v1::PushRequest* request,
+                                 v1::PushResponse* response) override;
 
   grpc::ServerUnaryReactor* MoveBlocks(grpc::CallbackServerContext* call,
                                        const v1::MoveBlocksRequest* request,

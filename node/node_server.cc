@@ -14,6 +14,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/channel_pool.h"
 #include "common/checkpoint.h"
 #include "common/dht_registry.h"
 #include "common/dtype.h"
@@ -33,9 +34,6 @@
 
 namespace pollen::node {
 namespace {
-
-// Headroom over the largest tensor for the rest of a message.
-constexpr int kMaxMessageBytes = static_cast<int>(kMaxTensorBytes + (1 << 20));
 
 // How long streams that hold no session may go on after the drain.
 constexpr absl::Duration kShutdownGrace = absl::Seconds(1);

@@ -65,6 +65,17 @@ absl::StatusOr<std::shared_ptr<Session>> SessionManager::Open(
   return session;
 }
 
+absl::StatusOr<std::shared_ptr<Session>> SessionManager::Find(
+    const std::string& session_id) const {
+  absl::MutexLock lock(&mu_);
+  auto it = sessions_.find(session_id);
+  if (it == sessions_.end()) {
+    return absl::NotFoundError(
+        absl::StrCat("session '", session_id, "' is not open on this node"));
+  }
+  return it->second;
+}
+
 void SessionManager::Close(const std::string& session_id,
                            const std::string& reason) {
   std::shared_ptr<Session> session;

@@ -20,6 +20,7 @@
 namespace pollen::node {
 
 class BlockSpan;
+class StepMailbox;
 
 // Parameters a client requests when it opens a session.
 struct SessionRequest {
@@ -31,6 +32,9 @@ struct SessionRequest {
   // LoRA updates applied on every step, by absolute block index, in the
   // span's dtype and device; empty for none.
   std::map<int, BlockAdapter> adapters;
+  // Where steps pushed by other nodes for this session go: the stream that
+  // opened it. Null rejects pushes.
+  std::shared_ptr<StepMailbox> mailbox;
 };
 
 // One client's state on this node: the span it opened on, the KV cache of
@@ -95,6 +99,10 @@ class SessionManager {
   // INTERNAL or RESOURCE_EXHAUSTED when libtorch fails. The session's
   // position advances when the step succeeds.
   void SubmitStep(StepTask task) { batcher_.Submit(std::move(task)); }
+
+  // Returns the open session `session_id`, or NOT_FOUND naming it.
+  absl::StatusOr<std::shared_ptr<Session>> Find(
+      const std::string& session_id) const;
 
   // Frees a session's cache, span and budget. Unknown ids are ignored.
   void Close(const std::string& session_id, const std::string& reason);

@@ -24,6 +24,7 @@ nlohmann::json BenchResultToJson(const BenchResult& result) {
       {"dtype", result.dtype},
       {"threads", result.threads},
       {"nodes", result.nodes},
+      {"push", result.push},
       {"prompt_tokens", result.prompt_tokens},
       {"new_tokens", result.new_tokens},
       {"repetitions", result.repetitions},
@@ -40,10 +41,11 @@ std::string FormatBenchReport(const BenchResult& result) {
   std::string out = absl::StrFormat(
       "pollen bench: %s, %d blocks, %s, %d libtorch threads per process\n"
       "prompt of %d tokens, then %d decode steps; median of %d runs; "
-      "%d nodes on 127.0.0.1\n\n",
+      "%d nodes on 127.0.0.1, %s\n\n",
       result.model_id, result.num_blocks, result.dtype, result.threads,
       result.prompt_tokens, result.new_tokens, result.repetitions,
-      result.nodes);
+      result.nodes,
+      result.push ? "each node pushing to the next" : "the client relaying");
 
   absl::StrAppendFormat(&out, "%-18s %12s %12s %12s\n", "", "local", "swarm",
                         "swarm/local");

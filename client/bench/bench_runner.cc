@@ -250,6 +250,7 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& options) {
   result.num_blocks = static_cast<int>(config.num_hidden_layers);
   result.dtype = DtypeName(dtype);
   result.threads = at::get_num_threads();
+  result.push = options.push;
   result.nodes = options.num_nodes;
   result.sessions = options.sessions;
   result.prompt_tokens = options.prompt_tokens;
@@ -297,6 +298,7 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& options) {
   swarm_options.num_nodes = options.num_nodes;
   swarm_options.dtype = options.dtype;
   swarm_options.threads = options.threads;
+  swarm_options.push = options.push;
   swarm_options.cache_tokens =
       std::max<int64_t>(16384, (options.sessions + 1) * max_length);
   auto swarm = LoopbackSwarm::Start(swarm_options, result.model_id,

@@ -35,6 +35,8 @@ struct BenchOptions {
   // libtorch intra-op threads of this process and of every node; 0 keeps
   // libtorch's default.
   int threads = 0;
+  // Server-to-server push through the swarm (see ClientOptions::push).
+  bool push = false;
   MemoryBandwidthOptions bandwidth;
 };
 
@@ -49,6 +51,7 @@ struct BenchResult {
   int num_blocks = 0;
   std::string dtype;
   int threads = 0;  // libtorch intra-op threads of this process
+  bool push = false;  // whether swarm sessions used server-to-server push
   int nodes = 0;
   int sessions = 0;
   int prompt_tokens = 0;

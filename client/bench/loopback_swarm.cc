@@ -129,6 +129,7 @@ LoopbackSwarm::OpenSession(int64_t max_length) {
   chain_options.batch_size = 1;
   chain_options.max_length = max_length;
   chain_options.step_timeout = options_.step_timeout;
+  chain_options.push = options_.push;
   return client::InferenceChain::Open(channels_, route_, chain_options);
 }
 

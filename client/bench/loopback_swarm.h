@@ -34,6 +34,8 @@ struct LoopbackSwarmOptions {
   absl::Duration startup_timeout = absl::Minutes(10);
   // Deadline of one step through one node.
   absl::Duration step_timeout = absl::Minutes(10);
+  // Server-to-server push in the sessions it opens.
+  bool push = false;
 };
 
 // Starts a DHT bootstrap node in this process and the node processes, and
@@ -84,7 +86,7 @@ class LoopbackSwarm {
   std::unique_ptr<client::SwarmClient> swarm_;
   std::vector<cli::ChildProcess> nodes_;
   std::vector<scheduler::RouteHop> route_;
-  client::ChannelPool channels_;
+  ChannelPool channels_;
   bool keep_work_dir_ = false;
 };
 

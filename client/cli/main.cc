@@ -57,6 +57,7 @@ ABSL_FLAG(uint64_t, seed, 0, "Random seed for sampling. A node seeds its span ch
 ABSL_FLAG(int, max_length, 0, "chat: tokens the whole conversation may use; 0 means the model's maximum");
 ABSL_FLAG(int, discovery_wait_s, 30, "Seconds to wait for nodes covering every block");
 ABSL_FLAG(int, step_timeout_s, 60, "Seconds one step through one node may take");
+ABSL_FLAG(bool, push, false, "generate, chat, local-swarm, bench: each node sends its step output straight to the next node instead of back through the client; helps when nodes are closer to each other than to the client");
 ABSL_FLAG(bool, json, false, "Print JSON instead of text");
 ABSL_FLAG(std::string, adapter, "", "generate, chat, local-swarm: adapter folder written by `pollen finetune` to run the model with");
 
@@ -139,6 +140,7 @@ pollen::cli::GenerateCommandOptions GenerateOptionsFromFlags() {
   options.client.discovery_wait = absl::Seconds(absl::GetFlag(FLAGS_discovery_wait_s));
   options.client.step_timeout = absl::Seconds(absl::GetFlag(FLAGS_step_timeout_s));
   options.client.adapter_dir = absl::GetFlag(FLAGS_adapter);
+  options.client.push = absl::GetFlag(FLAGS_push);
   options.prompt = absl::GetFlag(FLAGS_prompt);
   options.generation.max_new_tokens = absl::GetFlag(FLAGS_max_new_tokens);
   options.generation.sampling.temperature =
@@ -346,6 +348,7 @@ int main(int argc, char** argv) {
     options.bench.repetitions = absl::GetFlag(FLAGS_repetitions);
     options.bench.dtype = absl::GetFlag(FLAGS_dtype);
     options.bench.threads = absl::GetFlag(FLAGS_threads);
+    options.bench.push = absl::GetFlag(FLAGS_push);
     options.json = absl::GetFlag(FLAGS_json);
     return pollen::cli::RunBenchCommand(options);
   }

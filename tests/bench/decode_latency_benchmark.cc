@@ -91,7 +91,7 @@ class BenchSwarm {
   }
 
   const std::vector<scheduler::RouteHop>& route() const { return route_; }
-  client::ChannelPool& channels() { return channels_; }
+  ChannelPool& channels() { return channels_; }
   const std::string& model_id() const { return model_id_; }
 
  private:
@@ -123,7 +123,7 @@ class BenchSwarm {
   const std::string model_id_;
   LocalSwarm swarm_;
   std::vector<scheduler::RouteHop> route_;
-  client::ChannelPool channels_;
+  ChannelPool channels_;
 };
 
 std::unique_ptr<client::InferenceChain> OpenChain(BenchSwarm& swarm) {

@@ -38,8 +38,9 @@ class FailoverTest : public ::testing::Test {
     spans_[*index] = {start, end};
   }
 
-  std::unique_ptr<Client> Connect() {
+  std::unique_ptr<Client> Connect(bool push = false) {
     ClientOptions options;
+    options.push = push;
     options.model_dir = Stories260kDir();
     options.model_id = kModelId;
     options.initial_peers = {swarm_.peer()};
@@ -166,8 +167,13 @@ TEST_F(FailoverTest, ChatCommandSurvivesKilledNode) {
 TEST_F(FailoverTest, RandomKillsDuringGenerationKeepTokens) {
   constexpr int kRounds = 20;
   constexpr int kNewTokens = 64;
-  std::unique_ptr<Client> client = Connect();
-  ASSERT_NE(client, nullptr);
+  std::unique_ptr<Client> relaying_client = Connect();
+  ASSERT_NE(relaying_client, nullptr);
+  // Half of the rounds run with server-to-server push, where a kill may
+  // come while a node pushes to the next one.
+  std::unique_ptr<Client> pushing_client = Connect(/*push=*/true);
+  ASSERT_NE(pushing_client, nullptr);
+  Client* client = relaying_client.get();
 
   auto greedy_reference =
       client->GenerateFromIds(kStoriesPromptIds, Options(kNewTokens));
@@ -179,13 +185,16 @@ TEST_F(FailoverTest, RandomKillsDuringGenerationKeepTokens) {
   std::mt19937 random(2026);
   for (int round = 0; round < kRounds; ++round) {
     const bool sampled = round % 2 == 1;
+    const bool push = round % 4 >= 2;
+    client = push ? pushing_client.get() : relaying_client.get();
     // Every fourth round kills two nodes in a row.
     const int kills = round % 4 == 3 ? 2 : 1;
     const int kill_at = std::uniform_int_distribution<int>(1, kNewTokens - 2)(random);
     const int block = std::uniform_int_distribution<int>(0, 4)(random);
     SCOPED_TRACE(absl::StrCat("round ", round, ": ", kills, " kill(s) of block ",
                               block, " at token ", kill_at,
-                              sampled ? ", sampled" : ", greedy"));
+                              sampled ? ", sampled" : ", greedy",
+                              push ? ", push" : ", relay"));
 
     std::vector<int> killed;
     int tokens = 0;

@@ -32,8 +32,10 @@ class SwarmTest : public ::testing::Test {
     }
   }
 
-  static std::unique_ptr<Client> Connect(const std::string& model_id) {
+  static std::unique_ptr<Client> Connect(const std::string& model_id,
+                                         bool push = false) {
     ClientOptions options;
+    options.push = push;
     options.model_dir = Stories260kDir();
     options.model_id = model_id;
     options.initial_peers = {swarm_->peer()};
@@ -70,13 +72,15 @@ TEST_F(SwarmTest, GreedyMatchesReferenceForEverySplit) {
   }
 
   for (const auto& [model_id, spans] : splits) {
-    SCOPED_TRACE(model_id);
-    std::unique_ptr<Client> client = Connect(model_id);
-    ASSERT_NE(client, nullptr);
-    auto result = client->GenerateFromIds(kStoriesPromptIds, Greedy(48));
-    ASSERT_TRUE(result.ok()) << result.status();
-    EXPECT_EQ(result->new_ids, kStoriesReferenceIds);
-    EXPECT_EQ(result->route.size(), spans.size());
+    for (const bool push : {false, true}) {
+      SCOPED_TRACE(absl::StrCat(model_id, push ? " with push" : " relayed"));
+      std::unique_ptr<Client> client = Connect(model_id, push);
+      ASSERT_NE(client, nullptr);
+      auto result = client->GenerateFromIds(kStoriesPromptIds, Greedy(48));
+      ASSERT_TRUE(result.ok()) << result.status();
+      EXPECT_EQ(result->new_ids, kStoriesReferenceIds);
+      EXPECT_EQ(result->route.size(), spans.size());
+    }
   }
 }
 

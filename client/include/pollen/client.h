@@ -66,6 +66,13 @@ struct ClientOptions {
   // prepended to every sequence, and LoRA weights and deep prompts are sent
   // to the nodes once per session.
   std::string adapter_dir;
+  // Server-to-server push: each node sends its output straight to the next
+  // node of the route, and the client sends only the first node's input.
+  // A node whose push fails returns its output, and the client sends it on.
+  // It saves a round trip per node when the nodes are closer to each other
+  // than to the client; on one machine relaying is faster (see
+  // docs/benchmarks.md).
+  bool push = false;
 };
 
 struct GenerationOptions {

@@ -1,0 +1,245 @@
+// Server-to-server push between two real `pollen node` processes on
+// loopback, driven with raw gRPC streams: a pushed step gives the same
+// hidden states as a relayed one, a push that cannot be delivered falls
+// back to the client, and bad pushes get clear statuses.
+#include <ATen/ATen.h>
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <string>
+
+#include "common/tensor_codec.h"
+#include "pollen/v1/pollen.grpc.pb.h"
+#include "tests/support/swarm_fixture.h"
+#include "tests/support/test_support.h"
+
+namespace pollen::testing {
+namespace {
+
+constexpr int kHidden = 64;  // stories260k
+constexpr char kModelId[] = "stories-push";
+
+using Stream =
+    grpc::ClientReaderWriter<v1::InferenceRequest, v1::InferenceResponse>;
+
+// One open Inference session on one node.
+struct Session {
+  std::unique_ptr<v1::BlockService::Stub> stub;
+  grpc::ClientContext context;
+  std::unique_ptr<Stream> stream;
+  std::string id;
+};
+
+class PushTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    swarm_ = new LocalSwarm();
+    auto first = swarm_->StartNode(Stories260kDir(), kModelId, 0, 2);
+    ASSERT_TRUE(first.ok()) << first.status();
+    auto second = swarm_->StartNode(Stories260kDir(), kModelId, 2, 5);
+    ASSERT_TRUE(second.ok()) << second.status();
+    first_address_ = swarm_->node(*first).address;
+    second_address_ = swarm_->node(*second).address;
+  }
+  static void TearDownTestSuite() {
+    delete swarm_;
+    swarm_ = nullptr;
+  }
+
+  // Opens session `id` for blocks [start, end) on the node at `address`.
+  static std::unique_ptr<Session> Open(const std::string& address,
+                                       const std::string& id, int start,
+                                       int end) {
+    auto session = std::make_unique<Session>();
+    session->id = id;
+    session->stub = v1::BlockService::NewStub(
+        grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
+    session->context.set_deadline(std::chrono::system_clock::now() +
+                                  std::chrono::seconds(60));
+    session->stream = session->stub->Inference(&session->context);
+    v1::InferenceRequest request;
+    v1::InferenceOpen* open = request.mutable_open();
+    open->set_model_id(kModelId);
+    open->mutable_blocks()->set_start(start);
+    open->mutable_blocks()->set_end(end);
+    open->set_max_length(16);
+    open->set_session_id(id);
+    v1::InferenceResponse response;
+    EXPECT_TRUE(session->stream->Write(request));
+    EXPECT_TRUE(session->stream->Read(&response));
+    return session;
+  }
+
+  static v1::InferenceRequest Step(const at::Tensor& hidden, int position) {
+    v1::InferenceRequest request;
+    EXPECT_TRUE(
+        TensorToProto(hidden, request.mutable_step()->mutable_hidden_states())
+            .ok());
+    request.mutable_step()->set_position(position);
+    return request;
+  }
+
+  static void AddTarget(v1::InferenceRequest* request,
+                        const std::string& address,
+                        const std::string& session_id) {
+    v1::PushTarget* target = request->mutable_step()->add_push_to();
+    target->set_address(address);
+    target->set_session_id(session_id);
+  }
+
+  // Writes `request`, reads the reply, and returns its hidden states.
+  static at::Tensor Exchange(Session& session,
+                             const v1::InferenceRequest& request,
+                             v1::InferenceResponse* response) {
+    EXPECT_TRUE(session.stream->Write(request));
+    EXPECT_TRUE(session.stream->Read(response));
+    auto hidden = TensorFromProto(response->hidden_states(), "reply");
+    EXPECT_TRUE(hidden.ok()) << hidden.status();
+    return hidden.ok() ? *hidden : at::Tensor();
+  }
+
+  static grpc::Status Close(Session& session) {
+    session.stream->WritesDone();
+    return session.stream->Finish();
+  }
+
+  // Sends a Push call for `session_id` at `position` to the second node.
+  static grpc::Status Push(const std::string& session_id, int position,
+                           const at::Tensor& hidden) {
+    auto stub = v1::BlockService::NewStub(grpc::CreateChannel(
+        second_address_, grpc::InsecureChannelCredentials()));
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() +
+                         std::chrono::seconds(30));
+    v1::PushRequest request;
+    request.mutable_step()->set_session_id(session_id);
+    request.mutable_step()->set_position(position);
+    EXPECT_TRUE(TensorToProto(hidden, request.mutable_step()->mutable_hidden_states())
+                    .ok());
+    v1::PushResponse response;
+    return stub->Push(&context, request, &response);
+  }
+
+  static LocalSwarm* swarm_;
+  static std::string first_address_;
+  static std::string second_address_;
+};
+
+LocalSwarm* PushTest::swarm_ = nullptr;
+std::string PushTest::first_address_;
+std::string PushTest::second_address_;
+
+TEST_F(PushTest, PushedStepsMatchRelayedSteps) {
+  at::manual_seed(7);
+  const at::Tensor prompt = at::randn({1, 4, kHidden});
+  const at::Tensor next = at::randn({1, 1, kHidden});
+
+  // Relay: the client carries the first node's output to the second.
+  auto relay_first = Open(first_address_, "relay-a", 0, 2);
+  auto relay_second = Open(second_address_, "relay-b", 2, 5);
+  v1::InferenceResponse response;
+  at::Tensor expected_prompt = Exchange(
+      *relay_second,
+      Step(Exchange(*relay_first, Step(prompt, 0), &response), 0), &response);
+  at::Tensor expected_next = Exchange(
+      *relay_second,
+      Step(Exchange(*relay_first, Step(next, 4), &response), 4), &response);
+
+  // Push: the client writes only to the first node, and reads both.
+  auto first = Open(first_address_, "push-a", 0, 2);
+  auto second = Open(second_address_, "push-b", 2, 5);
+  for (const auto& [input, position, expected] :
+       {std::make_tuple(prompt, 0, expected_prompt),
+        std::make_tuple(next, 4, expected_next)}) {
+    v1::InferenceRequest request = Step(input, position);
+    AddTarget(&request, second_address_, "push-b");
+    Exchange(*first, request, &response);
+    EXPECT_TRUE(response.pushed());
+
+    ASSERT_TRUE(second->stream->Read(&response));
+    auto output = TensorFromProto(response.hidden_states(), "pushed reply");
+    ASSERT_TRUE(output.ok()) << output.status();
+    EXPECT_EQ(response.position(), position + input.size(1));
+    EXPECT_TRUE(at::equal(*output, expected));
+  }
+
+  for (Session* session :
+       {relay_first.get(), relay_second.get(), first.get(), second.get()}) {
+    EXPECT_TRUE(Close(*session).ok()) << session->id;
+  }
+}
+
+TEST_F(PushTest, UndeliverablePushFallsBack) {
+  at::manual_seed(8);
+  const at::Tensor prompt = at::randn({1, 3, kHidden});
+  auto first = Open(first_address_, "fallback-a", 0, 2);
+  auto second = Open(second_address_, "fallback-b", 2, 5);
+  v1::InferenceResponse response;
+
+  // An unknown session on the next node, then a port where nobody listens.
+  v1::InferenceRequest request = Step(prompt, 0);
+  AddTarget(&request, second_address_, "no-such-session");
+  at::Tensor output = Exchange(*first, request, &response);
+  EXPECT_FALSE(response.pushed());
+  EXPECT_EQ(response.position(), 3u);
+
+  // The client relays, and the second node runs the step as usual.
+  at::Tensor relayed = Exchange(*second, Step(output, 0), &response);
+  EXPECT_EQ(response.position(), 3u);
+  EXPECT_EQ(relayed.sizes(), prompt.sizes());
+
+  request = Step(at::randn({1, 1, kHidden}), 3);
+  AddTarget(&request, "127.0.0.1:1", "fallback-b");
+  Exchange(*first, request, &response);
+  EXPECT_FALSE(response.pushed());
+  EXPECT_EQ(response.position(), 4u);
+
+  EXPECT_TRUE(Close(*first).ok());
+  EXPECT_TRUE(Close(*second).ok());
+}
+
+TEST_F(PushTest, BadPushesGetClearStatuses) {
+  auto second = Open(second_address_, "target", 2, 5);
+
+  grpc::Status status = Push("missing", 0, at::randn({1, 1, kHidden}));
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_NE(status.error_message().find("missing"), std::string::npos);
+
+  status = Push("target", 5, at::randn({1, 1, kHidden}));
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::ABORTED);
+  EXPECT_NE(status.error_message().find("position 5"), std::string::npos);
+
+  status = Push("", 0, at::randn({1, 1, kHidden}));
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+
+  // A wrong shape is rejected before anything runs.
+  status = Push("target", 0, at::randn({1, 1, kHidden + 1}));
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(status.error_message().find("65"), std::string::npos);
+
+  // The session still works, from the client and from a push.
+  v1::InferenceResponse response;
+  Exchange(*second, Step(at::randn({1, 2, kHidden}), 0), &response);
+  EXPECT_EQ(response.position(), 2u);
+  ASSERT_TRUE(Push("target", 2, at::randn({1, 1, kHidden})).ok());
+  ASSERT_TRUE(second->stream->Read(&response));
+  EXPECT_EQ(response.position(), 3u);
+  EXPECT_TRUE(Close(*second).ok());
+}
+
+TEST_F(PushTest, BadTargetFailsBeforeStep) {
+  auto first = Open(first_address_, "bad-target", 0, 2);
+  v1::InferenceRequest request = Step(at::randn({1, 1, kHidden}), 0);
+  AddTarget(&request, std::string(300, 'x') + ":1", "b");
+  v1::InferenceResponse response;
+  ASSERT_TRUE(first->stream->Write(request));
+  EXPECT_FALSE(first->stream->Read(&response));
+  first->stream->WritesDone();
+  const grpc::Status status = first->stream->Finish();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(status.error_message().find("255"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace pollen::testing
