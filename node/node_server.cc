@@ -285,7 +285,8 @@ void DrainSessions(const NodeOptions& options, const sigset_t& stop_signals,
   const absl::Time deadline = absl::Now() + options.drain_timeout;
   int open = sessions.open_sessions();
   if (open > 0) {
-    POLLEN_LOG_INFO("draining {} open sessions for up to {}", open,
+    POLLEN_LOG_INFO("draining {} open session{} for up to {}", open,
+                    open == 1 ? "" : "s",
                     absl::FormatDuration(options.drain_timeout));
   }
   while (open > 0) {

@@ -35,6 +35,8 @@ struct LocalSwarmCommandOptions {
   // Passed on to every node.
   int64_t cache_tokens = 16384;
   std::string dtype = "float32";
+  // --quantize of every node: "none" or "int8".
+  std::string quantize = "none";
   // Folder for node logs and identities; empty means a temporary folder
   // removed at exit.
   std::string work_dir;

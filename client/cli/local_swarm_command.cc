@@ -120,7 +120,7 @@ int RunLocalSwarmCommand(const LocalSwarmCommandOptions& options) {
          "--port", "0", "--host", "127.0.0.1", "--initial-peers", peer,
          "--identity", node_dir + "/identity", "--cache-tokens",
          absl::StrCat(options.cache_tokens), "--dtype", options.dtype,
-         "--public-name", absl::StrCat("local-", i)},
+         "--quantize", options.quantize, "--public-name", absl::StrCat("local-", i)},
         node_dir + "/node.log");
     if (!child.ok()) {
       std::cerr << "error: " << child.status().message() << "\n";

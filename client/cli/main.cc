@@ -39,7 +39,7 @@ ABSL_FLAG(int64_t, prefill_chunk, 512, "Most tokens (batch x new tokens, over al
 ABSL_FLAG(std::string, public_name, "", "Name shown in `pollen status`; defaults to the node's address");
 ABSL_FLAG(std::string, dtype, "float32", "Dtype that blocks compute and keep their KV cache in, and their weights without --quantize: float32, float16 or bfloat16 (fp32, fp16, bf16); make-checkpoint: the dtype of the written tensors");
 ABSL_FLAG(std::string, device, "cpu", "libtorch device: cpu, cuda or cuda:N");
-ABSL_FLAG(std::string, quantize, "none", "node, eval: none, or int8 to store the blocks' linear weights as int8 with one scale per output channel (about a quarter of the float32 bytes); compute stays in --dtype");
+ABSL_FLAG(std::string, quantize, "none", "node, eval, local-swarm: none, or int8 to store the blocks' linear weights as int8 with one scale per output channel (about a quarter of the float32 bytes); compute stays in --dtype");
 ABSL_FLAG(std::string, text, "", "eval: text file to score the model on");
 ABSL_FLAG(int, threads, 0, "Intra-op threads for libtorch (bench: in its own process and every node); 0 keeps libtorch's default");
 ABSL_FLAG(int, session_idle_timeout_s, 300, "Seconds without a step after which a session's cache is freed");
@@ -171,6 +171,14 @@ int RunNode() {
     return 2;
   }
   options.num_blocks = absl::GetFlag(FLAGS_num_blocks);
+  if (!blocks.empty() && options.num_blocks != 0 &&
+      options.num_blocks != options.block_end - options.block_start) {
+    std::cerr << "error: --num-blocks " << options.num_blocks
+              << " contradicts --blocks " << blocks << " ("
+              << options.block_end - options.block_start
+              << " blocks); give only one of them\n";
+    return 2;
+  }
   options.seed = absl::GetFlag(FLAGS_seed);
 
   // Throughput and moves.
@@ -377,6 +385,7 @@ int main(int argc, char** argv) {
     options.num_nodes = absl::GetFlag(FLAGS_nodes);
     options.cache_tokens = absl::GetFlag(FLAGS_cache_tokens);
     options.dtype = absl::GetFlag(FLAGS_dtype);
+    options.quantize = absl::GetFlag(FLAGS_quantize);
     options.work_dir = absl::GetFlag(FLAGS_work_dir);
     return pollen::cli::RunLocalSwarmCommand(options);
   }

@@ -174,12 +174,29 @@ void PrintModel(const nlohmann::json& model) {
                                    block["throughput"].get<double>());
     }
     for (const auto& node_id : block["nodes"]) {
-      PrintNode(nodes[node_id.get<std::string>()], nodes);
+      const nlohmann::json& node = nodes[node_id.get<std::string>()];
+      if (node["state"].get<std::string>() != "offline") PrintNode(node, nodes);
     }
   }
   if (!unserved.empty()) {
     std::cout << "  not served: blocks " << scheduler::FormatBlockList(unserved)
               << "\n";
+  }
+
+  // Nodes that announced their shutdown; their records expire within the
+  // record TTL.
+  std::vector<std::string> offline;
+  for (const auto& [node_id, node] : nodes) {
+    if (node["state"].get<std::string>() != "offline") continue;
+    const std::string name = node["name"].get<std::string>();
+    offline.push_back(absl::StrFormat(
+        "%s (blocks %d:%d, %.0fs ago)",
+        name.empty() ? node_id.substr(0, 8) : name,
+        node["blocks"][0].get<int>(), node["blocks"][1].get<int>(),
+        node["age_s"].get<double>()));
+  }
+  if (!offline.empty()) {
+    std::cout << "  recently offline: " << absl::StrJoin(offline, ", ") << "\n";
   }
 }
 

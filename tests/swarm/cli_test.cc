@@ -43,6 +43,27 @@ TEST(Cli, LocalSwarmJsonHasReferenceIds) {
   EXPECT_EQ(output["route"].size(), 2u);
 }
 
+TEST(Cli, LocalSwarmWithPushMatchesReference) {
+  const CommandResult result = RunCommand(
+      {PollenBinary(), "local-swarm", "--model", Stories260kDir(), "--nodes",
+       "3", "--prompt", kStoriesPrompt, "--max-new-tokens", "48", "--push",
+       "--json"});
+  ASSERT_EQ(result.exit_code, 0) << result.stderr_text;
+  const auto output = nlohmann::json::parse(result.stdout_text);
+  EXPECT_EQ(Ids(output["new_ids"]), kStoriesReferenceIds);
+  EXPECT_EQ(output["route"].size(), 3u);
+}
+
+TEST(Cli, LocalSwarmRunsInt8Nodes) {
+  const CommandResult result = RunCommand(
+      {PollenBinary(), "local-swarm", "--model", Stories260kDir(), "--nodes",
+       "2", "--prompt", kStoriesPrompt, "--max-new-tokens", "16",
+       "--quantize", "int8", "--json"});
+  ASSERT_EQ(result.exit_code, 0) << result.stderr_text;
+  const auto output = nlohmann::json::parse(result.stdout_text);
+  EXPECT_EQ(output["new_ids"].size(), 16u);
+}
+
 class CliSwarmTest : public ::testing::Test {
  protected:
   // Three hand-started nodes serving 0:2, 2:4 and 4:5.
@@ -209,6 +230,16 @@ TEST(Cli, NodeRejectsMalformedBlocks) {
       {PollenBinary(), "node", "--model", Stories260kDir(), "--blocks", "two"});
   EXPECT_EQ(result.exit_code, 2);
   EXPECT_NE(result.stderr_text.find("--blocks must be START:END"), std::string::npos);
+}
+
+TEST(Cli, NodeRejectsContradictoryNumBlocks) {
+  const CommandResult result =
+      RunCommand({PollenBinary(), "node", "--model", Stories260kDir(),
+                  "--blocks", "0:2", "--num-blocks", "3"});
+  EXPECT_EQ(result.exit_code, 2);
+  EXPECT_NE(result.stderr_text.find("--num-blocks 3 contradicts --blocks 0:2"),
+            std::string::npos)
+      << result.stderr_text;
 }
 
 }  // namespace
