@@ -13,6 +13,7 @@
 #include "client/text_stream.h"
 #include "client/tokenizer.h"
 #include "client/training/adapter_set.h"
+#include "common/activation_compression.h"
 #include "common/checkpoint.h"
 #include "common/logging.h"
 #include "common/model_id.h"
@@ -36,6 +37,8 @@ class Client::Impl {
   std::optional<client::AdapterSet> adapters;
   // Its LoRA weights and deep prompts, sent when a session opens.
   std::vector<v1::BlockAdapters> block_adapters;
+  // options.compression, parsed.
+  v1::Compression compression = v1::COMPRESSION_NONE;
 
   const ModelConfig& config() const { return checkpoint->config(); }
 
@@ -64,6 +67,7 @@ class Client::Impl {
     chain_options.step_timeout = options.step_timeout;
     chain_options.adapters = block_adapters;
     chain_options.push = options.push;
+    chain_options.compression = compression;
     chain_options.reroute = [this, max_length](
                                 int start, int end,
                                 const std::set<std::string>& excluded) {
@@ -234,6 +238,8 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(
   impl->options = options;
   impl->model_id = options.model_id.empty() ? DefaultModelId(options.model_dir)
                                             : options.model_id;
+  POLLEN_ASSIGN_OR_RETURN(impl->compression,
+                          ParseCompression(options.compression));
   POLLEN_ASSIGN_OR_RETURN(impl->checkpoint, Checkpoint::Open(options.model_dir));
   POLLEN_ASSIGN_OR_RETURN(
       impl->head,

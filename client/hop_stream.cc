@@ -49,6 +49,7 @@ absl::Status HopStream::Open(const v1::InferenceOpen& open,
   stream_ = stub_->PrepareAsyncInference(&context_, &queue_);
   stream_->StartCall(kOperationTag);
   *request_.mutable_open() = open;
+  compression_ = open.compression();
   return Exchange(timeout);
 }
 
@@ -63,7 +64,8 @@ absl::Status HopStream::Send(const at::Tensor& hidden, int64_t position,
                              const std::vector<v1::PushTarget>& push_to) {
   POLLEN_RETURN_IF_ERROR(CheckUsable());
   v1::InferenceStep* step = request_.mutable_step();
-  POLLEN_RETURN_IF_ERROR(TensorToProto(hidden, step->mutable_hidden_states()));
+  POLLEN_RETURN_IF_ERROR(
+      TensorToProto(hidden, step->mutable_hidden_states(), compression_));
   step->set_position(static_cast<uint32_t>(position));
   step->clear_push_to();
   for (const v1::PushTarget& target : push_to) *step->add_push_to() = target;

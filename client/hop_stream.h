@@ -41,8 +41,9 @@ class HopStream {
   HopStream(const HopStream&) = delete;
   HopStream& operator=(const HopStream&) = delete;
 
-  // Starts the call and sends `open`. Returns the node's error (with the
-  // hop in the message), or DEADLINE_EXCEEDED when no reply arrives within
+  // Starts the call and sends `open`. Later steps encode their hidden
+  // states with open.compression(). Returns the node's error (with the hop
+  // in the message), or DEADLINE_EXCEEDED when no reply arrives within
   // `timeout`.
   absl::Status Open(const v1::InferenceOpen& open, absl::Duration timeout);
 
@@ -105,6 +106,8 @@ class HopStream {
   v1::InferenceRequest request_;
   v1::InferenceResponse response_;
   grpc::Status finish_status_;
+  // Encoding of the hidden states that Step sends.
+  v1::Compression compression_ = v1::COMPRESSION_NONE;
 
   // Operations started and not yet returned by queue_.
   int pending_ = 0;

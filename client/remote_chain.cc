@@ -33,6 +33,7 @@ v1::InferenceOpen MakeOpenMessage(const ChainOptions& options,
   open.set_max_length(static_cast<uint32_t>(options.max_length));
   open.set_session_id(session_id);
   open.set_batch_size(static_cast<uint32_t>(options.batch_size));
+  open.set_compression(options.compression);
   for (const v1::BlockAdapters& adapter : options.adapters) {
     if (static_cast<int>(adapter.block()) >= hop.start &&
         static_cast<int>(adapter.block()) < hop.end) {

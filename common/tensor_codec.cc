@@ -9,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/activation_compression.h"
 #include "common/status_util.h"
 
 namespace pollen {
@@ -46,19 +47,19 @@ absl::StatusOr<v1::DType> ProtoFromScalarType(at::ScalarType type) {
   }
 }
 
-// Dtype, shape and byte size of a checked Tensor message.
+// Dtype, shape and byte sizes of a checked Tensor message.
 struct ProtoLayout {
   at::ScalarType scalar_type;
   std::vector<int64_t> shape;
-  int64_t bytes = 0;
+  int64_t bytes = 0;       // of the decoded tensor
+  int64_t data_bytes = 0;  // of proto.data(), as the compression encodes it
 };
 
 absl::StatusOr<ProtoLayout> CheckLayout(const v1::Tensor& proto,
                                         const std::string& what) {
-  if (proto.compression() != v1::COMPRESSION_NONE) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(what, ": unsupported compression ",
-                     static_cast<int>(proto.compression())));
+  const absl::Status known = CheckCompression(proto.compression());
+  if (!known.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": ", known.message()));
   }
   auto scalar_type = ScalarTypeFromProto(proto.dtype());
   if (!scalar_type.ok()) {
@@ -92,11 +93,17 @@ absl::StatusOr<ProtoLayout> CheckLayout(const v1::Tensor& proto,
     numel *= dim;
   }
   layout.bytes = numel * element_size;
-  if (static_cast<int64_t>(proto.data().size()) != layout.bytes) {
+  layout.data_bytes = layout.bytes;
+  if (proto.compression() != v1::COMPRESSION_NONE) {
+    POLLEN_ASSIGN_OR_RETURN(layout.data_bytes,
+                            CompressedBytes(proto.compression(), numel));
+  }
+  if (static_cast<int64_t>(proto.data().size()) != layout.data_bytes) {
     return absl::InvalidArgumentError(absl::StrCat(
         what, " has ", proto.data().size(), " data bytes, but shape [",
         absl::StrJoin(layout.shape, ", "), "] of ",
-        c10::toString(*scalar_type), " needs ", layout.bytes));
+        c10::toString(*scalar_type), " with compression ",
+        CompressionName(proto.compression()), " needs ", layout.data_bytes));
   }
   return layout;
 }
@@ -106,6 +113,17 @@ absl::StatusOr<ProtoLayout> CheckLayout(const v1::Tensor& proto,
 absl::StatusOr<at::Tensor> TensorFromProto(const v1::Tensor& proto,
                                            const std::string& what) {
   POLLEN_ASSIGN_OR_RETURN(const ProtoLayout layout, CheckLayout(proto, what));
+  if (proto.compression() != v1::COMPRESSION_NONE) {
+    absl::StatusOr<at::Tensor> decoded;
+    POLLEN_RETURN_IF_ERROR(CatchTorchErrors(
+        absl::StrCat("decoding ", what), [&] {
+          decoded = DecodeActivations(
+              absl::string_view(proto.data().data(), proto.data().size()),
+              proto.compression(), layout.shape, layout.scalar_type, what);
+          return decoded.status();
+        }));
+    return decoded;
+  }
   at::Tensor tensor =
       at::empty(layout.shape, at::TensorOptions().dtype(layout.scalar_type));
   if (layout.bytes > 0) {
@@ -117,6 +135,9 @@ absl::StatusOr<at::Tensor> TensorFromProto(const v1::Tensor& proto,
 absl::StatusOr<at::Tensor> TensorViewFromProto(const v1::Tensor& proto,
                                                const std::string& what) {
   POLLEN_ASSIGN_OR_RETURN(const ProtoLayout layout, CheckLayout(proto, what));
+  if (proto.compression() != v1::COMPRESSION_NONE) {
+    return TensorFromProto(proto, what);
+  }
   const char* data = proto.data().data();
   const size_t alignment = c10::elementSize(layout.scalar_type);
   if (layout.bytes == 0 ||
@@ -128,7 +149,8 @@ absl::StatusOr<at::Tensor> TensorViewFromProto(const v1::Tensor& proto,
                        at::TensorOptions().dtype(layout.scalar_type));
 }
 
-absl::Status TensorToProto(const at::Tensor& tensor, v1::Tensor* proto) {
+absl::Status TensorToProto(const at::Tensor& tensor, v1::Tensor* proto,
+                           v1::Compression compression) {
   POLLEN_ASSIGN_OR_RETURN(const v1::DType dtype,
                           ProtoFromScalarType(tensor.scalar_type()));
   proto->Clear();
@@ -136,6 +158,10 @@ absl::Status TensorToProto(const at::Tensor& tensor, v1::Tensor* proto) {
   for (const int64_t dim : tensor.sizes()) proto->add_shape(dim);
   const size_t bytes = tensor.numel() * tensor.element_size();
   std::string* data = proto->mutable_data();
+  if (compression != v1::COMPRESSION_NONE) {
+    proto->set_compression(compression);
+    return EncodeActivations(tensor, compression, data);
+  }
 
   // A contiguous CPU tensor is copied as it is. Others are copied element
   // by element straight into the message, which also moves them off their

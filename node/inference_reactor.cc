@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/activation_compression.h"
 #include "common/logging.h"
 #include "common/status_util.h"
 #include "common/tensor_codec.h"
@@ -46,6 +47,7 @@ absl::Status ValidateOpen(const v1::InferenceOpen& open,
     return absl::InvalidArgumentError(absl::StrCat(
         "batch_size ", batch, " exceeds this node's limit of ", max_batch));
   }
+  POLLEN_RETURN_IF_ERROR(CheckCompression(open.compression()));
   return absl::OkStatus();
 }
 
@@ -260,7 +262,8 @@ void InferenceReactor::StepDone(StepSource source,
   }
   const absl::Status encoded =
       CatchTorchErrors("encoding the output to push", [&] {
-        return TensorToProto(reply.hidden, next->mutable_hidden_states());
+        return TensorToProto(reply.hidden, next->mutable_hidden_states(),
+                             compression_);
       });
   if (!encoded.ok()) {
     EndStep(encoded, Reply{});
@@ -319,7 +322,8 @@ void InferenceReactor::WriteReply(const Reply& reply) {
   if (reply.hidden.defined()) {
     // The output goes straight into the reused response message.
     status = CatchTorchErrors("encoding the step's output", [&] {
-      return TensorToProto(reply.hidden, response_.mutable_hidden_states());
+      return TensorToProto(reply.hidden, response_.mutable_hidden_states(),
+                           compression_);
     });
   }
   if (!status.ok()) {
@@ -444,6 +448,8 @@ absl::Status InferenceReactor::HandleOpen(const v1::InferenceOpen& open) {
         request.adapters = AdaptersTo(adapters, span->dtype(), span->device());
         return absl::OkStatus();
       }));
+  // Set before the session is visible to pushes, whose replies use it.
+  compression_ = open.compression();
   POLLEN_ASSIGN_OR_RETURN(session_,
                           context_->sessions->Open(request, std::move(span)));
 

@@ -146,6 +146,10 @@ class InferenceReactor final
   // gets the session from the Push call instead.
   std::shared_ptr<Session> session_;
 
+  // Encoding of the hidden states in every reply and push, from the open
+  // message.
+  v1::Compression compression_ = v1::COMPRESSION_NONE;
+
   absl::Mutex mu_;
   StepSource running_ ABSL_GUARDED_BY(mu_) = StepSource::kNone;
   bool reading_ ABSL_GUARDED_BY(mu_) = false;

@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/activation_compression.h"
 #include "common/logging.h"
 #include "common/status_util.h"
 #include "common/tensor_codec.h"
@@ -43,6 +44,7 @@ absl::StatusOr<PreparedPass> Prepare(const v1::ForwardRequest& request,
     return absl::UnavailableError(
         "node is shutting down and accepts no training work; use another node");
   }
+  POLLEN_RETURN_IF_ERROR(CheckCompression(request.compression()));
 
   PreparedPass pass;
   POLLEN_ASSIGN_OR_RETURN(
@@ -94,8 +96,8 @@ absl::StatusOr<v1::ForwardResponse> RunForwardRequest(
       pass.span->ForwardNoCache(pass.hidden, pass.from, pass.to, pass.adapters));
 
   v1::ForwardResponse response;
-  POLLEN_RETURN_IF_ERROR(
-      TensorToProto(outputs, response.mutable_hidden_states()));
+  POLLEN_RETURN_IF_ERROR(TensorToProto(
+      outputs, response.mutable_hidden_states(), request.compression()));
   return response;
 }
 
@@ -122,7 +124,8 @@ absl::StatusOr<v1::BackwardResponse> RunBackwardRequest(
 
   v1::BackwardResponse response;
   POLLEN_RETURN_IF_ERROR(
-      TensorToProto(result.grad_inputs, response.mutable_grad_inputs()));
+      TensorToProto(result.grad_inputs, response.mutable_grad_inputs(),
+                    request.forward().compression()));
   POLLEN_RETURN_IF_ERROR(AdaptersToProto(result.grad_adapters,
                                          response.mutable_grad_adapters()));
   return response;

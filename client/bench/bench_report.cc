@@ -22,6 +22,7 @@ nlohmann::json BenchResultToJson(const BenchResult& result) {
       {"model_id", result.model_id},
       {"num_blocks", result.num_blocks},
       {"dtype", result.dtype},
+      {"compression", result.compression},
       {"threads", result.threads},
       {"nodes", result.nodes},
       {"push", result.push},
@@ -41,11 +42,12 @@ std::string FormatBenchReport(const BenchResult& result) {
   std::string out = absl::StrFormat(
       "pollen bench: %s, %d blocks, %s, %d libtorch threads per process\n"
       "prompt of %d tokens, then %d decode steps; median of %d runs; "
-      "%d nodes on 127.0.0.1, %s\n\n",
+      "%d nodes on 127.0.0.1, %s; hidden states compression %s\n\n",
       result.model_id, result.num_blocks, result.dtype, result.threads,
       result.prompt_tokens, result.new_tokens, result.repetitions,
       result.nodes,
-      result.push ? "each node pushing to the next" : "the client relaying");
+      result.push ? "each node pushing to the next" : "the client relaying",
+      result.compression);
 
   absl::StrAppendFormat(&out, "%-18s %12s %12s %12s\n", "", "local", "swarm",
                         "swarm/local");

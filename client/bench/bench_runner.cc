@@ -20,6 +20,7 @@
 #include "client/bench/loopback_swarm.h"
 #include "client/model_head.h"
 #include "client/tokenizer.h"
+#include "common/activation_compression.h"
 #include "common/checkpoint.h"
 #include "common/dtype.h"
 #include "common/logging.h"
@@ -231,6 +232,7 @@ absl::Status ValidateBenchOptions(const BenchOptions& options,
         " positions"));
   }
   POLLEN_RETURN_IF_ERROR(ParseDtype(options.dtype).status());
+  POLLEN_RETURN_IF_ERROR(ParseCompression(options.compression).status());
   if (options.pollen_binary.empty()) {
     return absl::InvalidArgumentError("the path of the pollen binary is empty");
   }
@@ -249,6 +251,9 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& options) {
   result.model_id = DefaultModelId(options.model_dir);
   result.num_blocks = static_cast<int>(config.num_hidden_layers);
   result.dtype = DtypeName(dtype);
+  POLLEN_ASSIGN_OR_RETURN(const v1::Compression compression,
+                          ParseCompression(options.compression));
+  result.compression = CompressionName(compression);
   result.threads = at::get_num_threads();
   result.push = options.push;
   result.nodes = options.num_nodes;
@@ -299,6 +304,7 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& options) {
   swarm_options.dtype = options.dtype;
   swarm_options.threads = options.threads;
   swarm_options.push = options.push;
+  swarm_options.compression = compression;
   swarm_options.cache_tokens =
       std::max<int64_t>(16384, (options.sessions + 1) * max_length);
   auto swarm = LoopbackSwarm::Start(swarm_options, result.model_id,

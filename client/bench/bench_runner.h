@@ -37,6 +37,10 @@ struct BenchOptions {
   int threads = 0;
   // Server-to-server push through the swarm (see ClientOptions::push).
   bool push = false;
+  // Encoding of the hidden states between this process and the nodes, a
+  // ParseCompression name. A lossy one may change the swarm's tokens, which
+  // the result then reports as a mismatch.
+  std::string compression = "none";
   MemoryBandwidthOptions bandwidth;
 };
 
@@ -50,6 +54,7 @@ struct BenchResult {
   std::string model_id;
   int num_blocks = 0;
   std::string dtype;
+  std::string compression;  // of the hidden states, as CompressionName
   int threads = 0;  // libtorch intra-op threads of this process
   bool push = false;  // whether swarm sessions used server-to-server push
   int nodes = 0;

@@ -130,6 +130,7 @@ LoopbackSwarm::OpenSession(int64_t max_length) {
   chain_options.max_length = max_length;
   chain_options.step_timeout = options_.step_timeout;
   chain_options.push = options_.push;
+  chain_options.compression = options_.compression;
   return client::InferenceChain::Open(channels_, route_, chain_options);
 }
 

@@ -36,6 +36,8 @@ struct LoopbackSwarmOptions {
   absl::Duration step_timeout = absl::Minutes(10);
   // Server-to-server push in the sessions it opens.
   bool push = false;
+  // Encoding of the hidden states of every session.
+  v1::Compression compression = v1::COMPRESSION_NONE;
 };
 
 // Starts a DHT bootstrap node in this process and the node processes, and

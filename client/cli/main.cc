@@ -12,6 +12,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "client/cli/commands.h"
+#include "common/activation_compression.h"
 #include "common/dtype.h"
 #include "common/logging.h"
 #include "node/quantized_linear.h"
@@ -60,6 +61,7 @@ ABSL_FLAG(int, step_timeout_s, 60, "Seconds one step through one node may take")
 ABSL_FLAG(bool, push, false, "generate, chat, local-swarm, bench: each node sends its step output straight to the next node instead of back through the client; helps when nodes are closer to each other than to the client");
 ABSL_FLAG(bool, json, false, "Print JSON instead of text");
 ABSL_FLAG(std::string, adapter, "", "generate, chat, local-swarm: adapter folder written by `pollen finetune` to run the model with");
+ABSL_FLAG(std::string, compression, "none", "generate, chat, local-swarm, finetune, bench: encoding of hidden states (and gradients) between client and nodes: none (float32), fp16, bf16 or int8 (blockwise, one scale per 64 values); the lossy ones send fewer bytes and may change the output");
 
 // pollen local-swarm.
 ABSL_FLAG(int, nodes, 2, "local-swarm, bench: number of node processes");
@@ -141,6 +143,7 @@ pollen::cli::GenerateCommandOptions GenerateOptionsFromFlags() {
   options.client.step_timeout = absl::Seconds(absl::GetFlag(FLAGS_step_timeout_s));
   options.client.adapter_dir = absl::GetFlag(FLAGS_adapter);
   options.client.push = absl::GetFlag(FLAGS_push);
+  options.client.compression = absl::GetFlag(FLAGS_compression);
   options.prompt = absl::GetFlag(FLAGS_prompt);
   options.generation.max_new_tokens = absl::GetFlag(FLAGS_max_new_tokens);
   options.generation.sampling.temperature =
@@ -269,6 +272,7 @@ int RunFinetune() {
   finetune.initial_peers = options.client.initial_peers;
   finetune.model_id = options.client.model_id;
   finetune.discovery_wait = options.client.discovery_wait;
+  finetune.compression = options.client.compression;
   finetune.loss_log_path = absl::GetFlag(FLAGS_loss_log);
   finetune.resume = absl::GetFlag(FLAGS_resume);
   if (finetune.data_path.empty() || finetune.output_dir.empty()) {
@@ -328,6 +332,18 @@ int main(int argc, char** argv) {
     std::cerr << "error: pollen " << command << " needs --model DIR\n";
     return 2;
   }
+  const bool uses_compression = command == "generate" || command == "chat" ||
+                                command == "local-swarm" ||
+                                command == "finetune" || command == "bench";
+  if (uses_compression) {
+    const auto compression =
+        pollen::ParseCompression(absl::GetFlag(FLAGS_compression));
+    if (!compression.ok()) {
+      std::cerr << "error: --compression: " << compression.status().message()
+                << "\n";
+      return 2;
+    }
+  }
   const bool needs_peers =
       command == "generate" || command == "chat" || command == "status";
   if (needs_peers && absl::GetFlag(FLAGS_initial_peers).empty()) {
@@ -357,6 +373,7 @@ int main(int argc, char** argv) {
     options.bench.dtype = absl::GetFlag(FLAGS_dtype);
     options.bench.threads = absl::GetFlag(FLAGS_threads);
     options.bench.push = absl::GetFlag(FLAGS_push);
+    options.bench.compression = absl::GetFlag(FLAGS_compression);
     options.json = absl::GetFlag(FLAGS_json);
     return pollen::cli::RunBenchCommand(options);
   }

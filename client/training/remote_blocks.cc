@@ -134,8 +134,10 @@ absl::StatusOr<v1::ForwardRequest> RemoteBlocks::MakeRequest(
   request.set_model_id(options_.model_id);
   request.mutable_blocks()->set_start(hop.start);
   request.mutable_blocks()->set_end(hop.end);
-  POLLEN_RETURN_IF_ERROR(
-      TensorToProto(input.detach().contiguous(), request.mutable_hidden_states()));
+  request.set_compression(options_.compression);
+  POLLEN_RETURN_IF_ERROR(TensorToProto(input.detach().contiguous(),
+                                       request.mutable_hidden_states(),
+                                       options_.compression));
   POLLEN_RETURN_IF_ERROR(AppendBlockAdapters(adapters, hop.start, hop.end,
                                              request.mutable_adapters()));
   return request;
@@ -261,7 +263,8 @@ absl::Status RemoteBlocks::BackwardHop(const HopInput& hop_input,
       *request.mutable_forward(),
       MakeRequest(hop_input.hop, hop_input.input, adapters));
   POLLEN_RETURN_IF_ERROR(TensorToProto(grad_outputs.contiguous(),
-                                       request.mutable_grad_outputs()));
+                                       request.mutable_grad_outputs(),
+                                       options_.compression));
   v1::BackwardResponse response;
   POLLEN_RETURN_IF_ERROR(
       Call(hop_input.hop, /*backward=*/true, request, &response));

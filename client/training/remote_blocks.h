@@ -35,6 +35,9 @@ struct RemoteBlocksOptions {
   int max_failovers = 8;
   // Seeds the sampling of routes.
   uint64_t seed = 0;
+  // Encoding of the hidden states and output gradients this client sends,
+  // and of the ones it requests from the nodes (ForwardRequest.compression).
+  v1::Compression compression = v1::COMPRESSION_NONE;
 };
 
 // Runs blocks [0, num_blocks) through the swarm. Each pass samples a route

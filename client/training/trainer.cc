@@ -15,6 +15,7 @@
 #include "client/training/remote_blocks.h"
 #include "client/training/training_data.h"
 #include "client/training/training_model.h"
+#include "common/activation_compression.h"
 #include "common/checkpoint.h"
 #include "common/logging.h"
 #include "common/model_id.h"
@@ -115,6 +116,8 @@ absl::StatusOr<FinetuneResult> RunFinetune(
     remote_options.num_blocks = num_blocks;
     remote_options.discovery_wait = options.discovery_wait;
     remote_options.seed = options.seed;
+    POLLEN_ASSIGN_OR_RETURN(remote_options.compression,
+                            ParseCompression(options.compression));
     remote = std::make_unique<RemoteBlocks>(*swarm, remote_options);
   }
   POLLEN_ASSIGN_OR_RETURN(

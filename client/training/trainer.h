@@ -38,6 +38,10 @@ struct FinetuneOptions {
   std::vector<std::string> initial_peers;
   std::string model_id;
   absl::Duration discovery_wait = absl::Seconds(30);
+  // Encoding of the hidden states and their gradients sent to and from the
+  // nodes, a ParseCompression name: none, fp16, bf16 or int8. Adapter
+  // weights and their gradients always travel uncompressed.
+  std::string compression = "none";
   // CSV file with header step,loss,tokens_per_s and one row per step;
   // empty writes none.
   std::string loss_log_path;

@@ -73,6 +73,12 @@ struct ClientOptions {
   // than to the client; on one machine relaying is faster (see
   // docs/benchmarks.md).
   bool push = false;
+  // Encoding of the hidden states sent to and from the nodes: "none"
+  // (float32), "fp16", "bf16" or "int8" (blockwise, one float32 scale per
+  // 64 values). The lossy ones send about a half (fp16, bf16) or a quarter
+  // (int8) of the bytes and may change the generated tokens. Connect
+  // rejects other names with INVALID_ARGUMENT.
+  std::string compression = "none";
 };
 
 struct GenerationOptions {
