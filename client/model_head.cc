@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include "common/cpu_matmul.h"
 #include "common/logging.h"
 #include "common/status_util.h"
 
@@ -80,7 +81,9 @@ at::Tensor ModelHead::Logits(const at::Tensor& hidden) const {
   const at::Tensor normed =
       norm_ * (x32 * at::rsqrt(variance + config_.rms_norm_eps)).to(dtype());
 
-  return at::linear(normed, lm_head_).to(at::kFloat);
+  // A decode step's few rows read the large LM head once in tiled loops;
+  // BLAS would first copy (pack) the whole matrix.
+  return LinearFewRows(normed, lm_head_).to(at::kFloat);
 }
 
 }  // namespace pollen::client

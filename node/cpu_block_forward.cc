@@ -7,148 +7,14 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-// The loops below are compiled twice on x86-64 with GCC: with FMA (which
-// implies 256-bit AVX) and for the baseline instruction set. The dynamic
-// loader picks the clone by the CPU's features ("arch=" clones would match
-// the CPU model instead).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define POLLEN_CPU_CLONES __attribute__((target_clones("fma", "default")))
-#else
-#define POLLEN_CPU_CLONES
-#endif
+#include "common/cpu_matmul.h"
 
 namespace pollen::node {
 namespace {
 
-// Matrix products of up to this many rows run in the loops here, which
-// read each weight once, like a matrix-vector product. Larger ones go to
-// libtorch's BLAS matrix product. Measured on the 2-core EPYC this was
-// written on: with one row and a 2560 x 2048 float32 weight, OpenBLAS
-// 0.3.21 (Debian 12) takes about 4 ms of CPU time in sgemm and 0.5 ms in
-// sgemv. The tiled loops take 0.5 ms, and with 8 rows 1.5 ms against 4 ms.
-constexpr int64_t kLoopMatMulMaxRows = 16;
-
-// The loops split the output features over threads above this many
-// multiply-adds per thread.
-constexpr int64_t kParallelMatMulWork = int64_t{1} << 20;
-
 // Attention runs on several threads only above this many multiply-adds:
 // starting the thread pool costs more than small steps take.
 constexpr int64_t kParallelAttentionWork = int64_t{1} << 18;
-
-// Sum of a[i] * b[i] with eight partial sums, which the compiler keeps in
-// one vector register.
-__attribute__((always_inline)) inline float Dot(const float* a, const float* b,
-                                                int64_t n) {
-  float partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  const int64_t whole = n - n % 8;
-  for (int64_t i = 0; i < whole; i += 8) {
-    for (int j = 0; j < 8; ++j) partial[j] += a[i + j] * b[i + j];
-  }
-  float sum = ((partial[0] + partial[1]) + (partial[2] + partial[3])) +
-              ((partial[4] + partial[5]) + (partial[6] + partial[7]));
-  for (int64_t i = whole; i < n; ++i) sum += a[i] * b[i];
-  return sum;
-}
-
-// Eight floats in one vector register (AVX) or two (SSE).
-typedef float Float8 __attribute__((vector_size(32)));
-
-__attribute__((always_inline)) inline Float8 Load8(const float* p) {
-  Float8 v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-__attribute__((always_inline)) inline float Sum8(Float8 v) {
-  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
-}
-
-// y[r * y_stride + k] = x[r] . w[k] for input rows r < kRows (1 or 2) of
-// x [kRows, in] and weight rows k < 4 of w [4, in]. The 4 * kRows sums stay
-// in registers, so each loaded weight vector feeds kRows multiply-adds and
-// the sums need no reduction until the end.
-template <int kRows>
-__attribute__((always_inline)) inline void MatMulTile(
-    const float* __restrict__ x, int64_t in, const float* __restrict__ w,
-    float* __restrict__ y, int64_t y_stride) {
-  static_assert(kRows == 1 || kRows == 2, "tiles have 1 or 2 input rows");
-  const float* x1 = kRows == 2 ? x + in : x;
-  Float8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
-  Float8 b0 = {}, b1 = {}, b2 = {}, b3 = {};
-  const int64_t whole = in - in % 8;
-  for (int64_t i = 0; i < whole; i += 8) {
-    const Float8 w0 = Load8(w + i);
-    const Float8 w1 = Load8(w + in + i);
-    const Float8 w2 = Load8(w + 2 * in + i);
-    const Float8 w3 = Load8(w + 3 * in + i);
-    const Float8 v0 = Load8(x + i);
-    a0 += v0 * w0;
-    a1 += v0 * w1;
-    a2 += v0 * w2;
-    a3 += v0 * w3;
-    if (kRows == 2) {
-      const Float8 v1 = Load8(x1 + i);
-      b0 += v1 * w0;
-      b1 += v1 * w1;
-      b2 += v1 * w2;
-      b3 += v1 * w3;
-    }
-  }
-  float sums[2][4] = {{Sum8(a0), Sum8(a1), Sum8(a2), Sum8(a3)},
-                      {Sum8(b0), Sum8(b1), Sum8(b2), Sum8(b3)}};
-  for (int r = 0; r < kRows; ++r) {
-    const float* row = r == 0 ? x : x1;
-    for (int k = 0; k < 4; ++k) {
-      for (int64_t i = whole; i < in; ++i) sums[r][k] += row[i] * w[k * in + i];
-      y[r * y_stride + k] = sums[r][k];
-    }
-  }
-}
-
-// y[r, o] = sum_i x[r, i] * w[o, i] for x [rows, in], output features
-// o in [begin, end) of w [out, in], and y [rows, y_stride], in tiles of 4
-// output features by 2 input rows. A tile's 4 weight rows come from memory
-// once, and from the cache for the further input rows.
-POLLEN_CPU_CLONES
-void MatMulLoops(const float* __restrict__ x, int64_t rows, int64_t in,
-                 const float* __restrict__ w, int64_t begin, int64_t end,
-                 float* __restrict__ y, int64_t y_stride) {
-  int64_t o = begin;
-  for (; o + 4 <= end; o += 4) {
-    int64_t r = 0;
-    for (; r + 2 <= rows; r += 2) {
-      MatMulTile<2>(x + r * in, in, w + o * in, y + r * y_stride + o, y_stride);
-    }
-    if (r < rows) {
-      MatMulTile<1>(x + r * in, in, w + o * in, y + r * y_stride + o, y_stride);
-    }
-  }
-  for (; o < end; ++o) {
-    for (int64_t r = 0; r < rows; ++r) {
-      y[r * y_stride + o] = Dot(x + r * in, w + o * in, in);
-    }
-  }
-}
-
-// y = x w^T for x [rows, in] and a contiguous weight w [out, in].
-void MatMul(const float* x, int64_t rows, int64_t in, const at::Tensor& w,
-            float* y) {
-  const int64_t out = w.size(0);
-  if (rows <= kLoopMatMulMaxRows) {
-    const float* weight = w.data_ptr<float>();
-    const int64_t grain =
-        std::max<int64_t>(1, kParallelMatMulWork / std::max<int64_t>(rows * in, 1));
-    at::parallel_for(0, out, grain, [&](int64_t begin, int64_t end) {
-      MatMulLoops(x, rows, in, weight, begin, end, y, out);
-    });
-    return;
-  }
-  const auto options = at::TensorOptions().dtype(at::kFloat);
-  at::Tensor result = at::from_blob(y, {rows, out}, options);
-  at::mm_out(result, at::from_blob(const_cast<float*>(x), {rows, in}, options),
-             w.t());
-}
 
 // out[r] = x[r] / rms(x[r]) * weight for each of `rows` rows of `width`.
 POLLEN_CPU_CLONES

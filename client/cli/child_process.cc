@@ -36,6 +36,20 @@ absl::StatusOr<ChildProcess> ChildProcess::Start(
   for (const std::string& arg : argv) args.push_back(const_cast<char*>(arg.c_str()));
   args.push_back(nullptr);
 
+  // The child's environment: this one, with OpenMP's idle threads sleeping
+  // unless the caller chose otherwise. Node processes that share cores
+  // would otherwise keep spinning threads busy while another node computes
+  // (on the 2-core bench machine this cost 12 ms per hop and token).
+  std::vector<char*> environment;
+  bool wait_policy_set = false;
+  for (char** entry = environ; *entry != nullptr; ++entry) {
+    if (std::strncmp(*entry, "OMP_WAIT_POLICY=", 16) == 0) wait_policy_set = true;
+    environment.push_back(*entry);
+  }
+  static char kPassiveWaits[] = "OMP_WAIT_POLICY=PASSIVE";
+  if (!wait_policy_set) environment.push_back(kPassiveWaits);
+  environment.push_back(nullptr);
+
   const pid_t parent = getpid();
   const pid_t pid = fork();
   if (pid < 0) {
@@ -54,7 +68,7 @@ absl::StatusOr<ChildProcess> ChildProcess::Start(
     dup2(log_fd, STDERR_FILENO);
     const int null_fd = open("/dev/null", O_RDONLY);
     if (null_fd >= 0) dup2(null_fd, STDIN_FILENO);
-    execv(args[0], args.data());
+    execve(args[0], args.data(), environment.data());
     _exit(127);
   }
   close(log_fd);

@@ -11,8 +11,9 @@
 
 namespace pollen::cli {
 
-// A started program whose stdout and stderr go to a log file. The child is
-// sent SIGTERM if this process dies first. Destruction stops it (SIGTERM,
+// A started program whose stdout and stderr go to a log file. It gets this
+// process's environment plus OMP_WAIT_POLICY=PASSIVE when that is unset.
+// The child is sent SIGTERM if this process dies first. Destruction stops it (SIGTERM,
 // then SIGKILL after a grace period). Not thread-safe.
 class ChildProcess {
  public:

@@ -4,7 +4,10 @@
 #include <benchmark/benchmark.h>
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <cstdlib>
 #include <memory>
 
 #include "common/model_config.h"
@@ -65,7 +68,12 @@ LlamaBlockWeights RandomWeights(const ModelConfig& config,
 
 // Runs steps of `tokens` new tokens at position kContext of a cache that
 // contains kContext earlier positions.
+// POLLEN_BENCH_THREADS sets libtorch's intra-op threads (default: its own
+// choice).
 void RunBlock(benchmark::State& state, Precision precision, int64_t tokens) {
+  if (const char* threads = std::getenv("POLLEN_BENCH_THREADS")) {
+    at::set_num_threads(std::max(1, std::atoi(threads)));
+  }
   at::NoGradGuard no_grad;
   const ModelConfig config = TinyLlamaBlockConfig();
   const at::ScalarType dtype = precision.dtype;
