@@ -1,4 +1,6 @@
 // The `pollen` command: one binary for nodes, clients and local swarms.
+#include <unistd.h>
+
 #include <cstdlib>
 #include <iostream>
 #include <string>
@@ -363,6 +365,15 @@ int main(int argc, char** argv) {
     return pollen::cli::RunMakeCheckpointCommand(options);
   }
   if (command == "bench") {
+    // The bench shares the cores with its nodes, so idle OpenMP threads
+    // must sleep rather than spin. libgomp reads the variable when it
+    // loads, so the process starts again with it set; the nodes inherit it.
+    if (std::getenv("OMP_WAIT_POLICY") == nullptr) {
+      setenv("OMP_WAIT_POLICY", "PASSIVE", /*overwrite=*/1);
+      execv("/proc/self/exe", argv);
+      std::cerr << "warning: could not restart with OMP_WAIT_POLICY=PASSIVE; "
+                   "set it yourself for comparable numbers\n";
+    }
     pollen::cli::BenchCommandOptions options;
     options.bench.model_dir = absl::GetFlag(FLAGS_model);
     options.bench.num_nodes = absl::GetFlag(FLAGS_nodes);
