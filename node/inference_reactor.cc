@@ -96,6 +96,7 @@ void InferenceReactor::OnReadDone(bool ok) {
   }
   if (!ok) {
     // The client closed its side of the stream: the session is over.
+    if (session_) context_->sessions->EndSteps(*session_);
     FinishOnce(absl::OkStatus());
     return;
   }

@@ -97,6 +97,7 @@ void SessionManager::Close(const std::string& session_id,
     session->span.reset();
     position = session->position;
   }
+  batcher_.Forget(session.get());
   POLLEN_LOG_INFO("session {} closed ({}) after {} tokens", session_id,
                   reason, position);
 }

@@ -100,6 +100,10 @@ class SessionManager {
   // position advances when the step succeeds.
   void SubmitStep(StepTask task) { batcher_.Submit(std::move(task)); }
 
+  // Says that the client of `session` will send no more steps, so that
+  // passes stop waiting for them. Close does this too.
+  void EndSteps(const Session& session) { batcher_.Forget(&session); }
+
   // Returns the open session `session_id`, or NOT_FOUND naming it.
   absl::StatusOr<std::shared_ptr<Session>> Find(
       const std::string& session_id) const;

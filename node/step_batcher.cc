@@ -111,6 +111,7 @@ void StepBatcher::Submit(StepTask task) {
   pending->task = std::move(task);
   {
     absl::MutexLock lock(&mu_);
+    NoteArrival(pending->task.session, absl::Now());
     queued_.push_back(std::move(pending));
     if (running_) return;
     running_ = true;
@@ -132,22 +133,17 @@ void StepBatcher::RunUntilIdle() {
         return;
       }
 
-      // Sessions that stepped in the last passes send their next steps a
-      // network round trip after their replies. Waiting a small part of a
-      // pass for them lets them share this pass, instead of each pass
-      // taking whichever half of the sessions has arrived. While one
-      // session is active and no other stepped in the last two passes,
-      // nothing waits.
-      const size_t expected = RecentSessions(absl::Now());
+      // Wait for the steps of active sessions that have not arrived, so
+      // that they share this pass (see the class comment).
+      const PassKey key = KeyOf(*active.front()->task.session);
+      const size_t expected = ActiveSessions(absl::Now(), key.from, key.to);
       if (active.size() < expected) {
-        const absl::Duration wait =
-            std::min(last_pass_time_ * kGatherFraction, kMaxGatherWait);
         const size_t steps_taken = active.size();
         auto arrived = [this, steps_taken, expected]()
                            ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
                              return steps_taken + queued_.size() >= expected;
                            };
-        mu_.AwaitWithTimeout(absl::Condition(&arrived), wait);
+        mu_.AwaitWithTimeout(absl::Condition(&arrived), GatherWait(key.from));
         for (auto& pending : queued_) active.push_back(std::move(pending));
         queued_.clear();
       }
@@ -156,15 +152,52 @@ void StepBatcher::RunUntilIdle() {
   }
 }
 
-size_t StepBatcher::RecentSessions(absl::Time now) {
-  const absl::Time since = now - (2 * last_pass_time_ + kRoundTripAllowance);
-  while (!recent_steps_.empty() && recent_steps_.front().second < since) {
-    recent_steps_.pop_front();
+void StepBatcher::NoteArrival(const std::shared_ptr<Session>& session,
+                              absl::Time now) {
+  Activity& activity = activity_[session.get()];
+  if (activity.session.lock() == session) {
+    rounds_.push_back(now - activity.last_arrival);
+    if (rounds_.size() > kRoundsKept) rounds_.pop_front();
+  } else {
+    activity.session = session;
+    activity.from = session->request.from;
+    activity.to = session->request.to;
   }
-  std::vector<const Session*> sessions;
-  for (const auto& [session, time] : recent_steps_) sessions.push_back(session);
-  std::sort(sessions.begin(), sessions.end());
-  return std::unique(sessions.begin(), sessions.end()) - sessions.begin();
+  activity.last_arrival = now;
+}
+
+void StepBatcher::Forget(const Session* session) {
+  absl::MutexLock lock(&mu_);
+  activity_.erase(session);
+}
+
+absl::Duration StepBatcher::RoundTime() const {
+  if (rounds_.empty()) return absl::ZeroDuration();
+  std::vector<absl::Duration> sorted(rounds_.begin(), rounds_.end());
+  std::nth_element(sorted.begin(), sorted.begin() + sorted.size() / 2,
+                   sorted.end());
+  return sorted[sorted.size() / 2];
+}
+
+size_t StepBatcher::ActiveSessions(absl::Time now, int from, int to) {
+  const absl::Time since =
+      now - (kActiveRounds * RoundTime() + kRoundTripAllowance);
+  size_t count = 0;
+  for (auto it = activity_.begin(); it != activity_.end();) {
+    const Activity& activity = it->second;
+    if (activity.session.expired() || activity.last_arrival < since) {
+      it = activity_.erase(it);
+      continue;
+    }
+    if (activity.from == from && activity.to == to) ++count;
+    ++it;
+  }
+  return count;
+}
+
+absl::Duration StepBatcher::GatherWait(int from) const {
+  if (from == 0) return std::min(RoundTime(), kMaxRoundWait);
+  return std::min(last_pass_time_ * kGatherFraction, kMaxGatherWait);
 }
 
 std::vector<StepBatcher::Member> StepBatcher::ChooseMembers(
@@ -267,10 +300,14 @@ void StepBatcher::RunPass(std::vector<std::unique_ptr<Pending>>& active) {
 
   const absl::Time pass_end = absl::Now();
   if (!entries.empty()) {
-    last_pass_time_ = pass_end - pass_start;
+    const absl::Duration pass_time = pass_end - pass_start;
+    {
+      absl::MutexLock lock(&mu_);
+      last_pass_time_ = pass_time;
+    }
     POLLEN_LOG_DEBUG("pass of {} step(s) on blocks {}:{} took {:.3f} ms",
                      entries.size(), key.from, key.to,
-                     absl::ToDoubleMilliseconds(last_pass_time_));
+                     absl::ToDoubleMilliseconds(pass_time));
   }
 
   // Collect each step's chunk; a step is done when its last chunk ran, and
@@ -314,9 +351,6 @@ void StepBatcher::RunPass(std::vector<std::unique_ptr<Pending>>& active) {
     if (pending.error.ok() && pending.tokens_done < pending.new_tokens) {
       ++it;
       continue;
-    }
-    if (pending.error.ok()) {
-      recent_steps_.emplace_back(pending.task.session.get(), pass_end);
     }
     finished.push_back(std::move(*it));
     it = active.erase(it);

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <map>
 #include <memory>
 #include <utility>
 #include <vector>
@@ -53,9 +54,19 @@ struct StepBatcherOptions {
 // running runs passes itself until nothing is queued, while Submits from
 // other threads only queue their task. A pass takes the steps that are
 // queued when it starts, so one session runs with no wait and concurrent
-// sessions share passes. When sessions that stepped in the last two passes
-// have not sent their next step yet, a pass first waits for them, at most
-// a quarter of the previous pass's time and 5 ms, so that they share it.
+// sessions share passes.
+//
+// Concurrent sessions drift apart: each pass takes the steps that happen
+// to be there, and the others wait for the next pass. So when sessions
+// that are still stepping have not sent their next step yet, a pass first
+// waits for them. For the sessions whose first hop this node is (their
+// range starts at block 0), the wait lasts up to one round of a session
+// (the median time between its steps here), at most kMaxRoundWait: the
+// sessions regroup here and travel the rest of the chain together, and
+// every node reads its weights once per round for all of them. Nodes
+// sharing a machine's memory bandwidth gain the most. Elsewhere a pass
+// waits at most a quarter of the previous pass and kMaxGatherWait, for
+// steps a little behind the others. A lone session never waits.
 //
 // A pass contains steps of one span and block range. Steps of sessions with
 // LoRA adapters or deep prompts run alone. Within that, steps that fit the
@@ -81,6 +92,10 @@ class StepBatcher {
   // when no other thread is running passes.
   void Submit(StepTask task);
 
+  // Stops waiting for steps of `session`, whose stream ended or which was
+  // closed. Unknown sessions are ignored.
+  void Forget(const Session* session);
+
   const StepBatcherOptions& options() const { return options_; }
 
   // Forward passes run so far (chunks and batches count once each).
@@ -98,9 +113,31 @@ class StepBatcher {
   // Runs passes until no step is queued or unfinished.
   void RunUntilIdle();
 
-  // Counts the sessions whose steps finished in the last two passes (plus
-  // a round trip); prunes older entries of recent_steps_.
-  size_t RecentSessions(absl::Time now);
+  // What the batcher knows of a session that stepped recently.
+  struct Activity {
+    // Expires when the session's stream ends.
+    std::weak_ptr<Session> session;
+    int from = 0;
+    int to = 0;
+    absl::Time last_arrival;
+  };
+
+  // Records the arrival of a step of `session` at `now`, and the session's
+  // round when it stepped before.
+  void NoteArrival(const std::shared_ptr<Session>& session, absl::Time now)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  // Median of the recent rounds; zero before any was seen.
+  absl::Duration RoundTime() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  // Counts the live sessions on blocks [from, to) that stepped within the
+  // last kActiveRounds rounds; forgets the others.
+  size_t ActiveSessions(absl::Time now, int from, int to)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  // How long the next pass, whose oldest step is on blocks [from, ...),
+  // waits for missing steps.
+  absl::Duration GatherWait(int from) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // Chooses the steps of the next pass from `active`, oldest first.
   std::vector<Member> ChooseMembers(
@@ -110,24 +147,29 @@ class StepBatcher {
   // failed, and calls their `done`.
   void RunPass(std::vector<std::unique_ptr<Pending>>& active);
 
-  // A pass waits at most this part of the previous pass's duration, and at
-  // most kMaxGatherWait, for the steps of recently active sessions.
+  // Away from the first hop, a pass waits at most this part of the
+  // previous pass's duration, and at most kMaxGatherWait, for the steps of
+  // active sessions.
   static constexpr double kGatherFraction = 0.25;
   static constexpr absl::Duration kMaxGatherWait = absl::Milliseconds(5);
-  // Time a session takes from its reply to its next step on loopback, as an
-  // allowance when counting recent sessions.
+  // At the first hop, a pass waits at most one round, and at most this.
+  static constexpr absl::Duration kMaxRoundWait = absl::Milliseconds(300);
+  // A session counts as active while its last step is at most this many
+  // rounds old, plus kRoundTripAllowance.
+  static constexpr int kActiveRounds = 2;
   static constexpr absl::Duration kRoundTripAllowance = absl::Milliseconds(1);
+  // Rounds kept for the median.
+  static constexpr size_t kRoundsKept = 64;
 
   const StepBatcherOptions options_;
   std::atomic<int64_t> passes_run_{0};
 
-  // Used only by the thread that runs passes; the hand-over between
-  // threads goes through mu_.
-  absl::Duration last_pass_time_ = absl::ZeroDuration();
-  // Sessions whose steps finished recently, and when, oldest first.
-  std::deque<std::pair<const Session*, absl::Time>> recent_steps_;
-
   absl::Mutex mu_;
+  absl::Duration last_pass_time_ ABSL_GUARDED_BY(mu_) = absl::ZeroDuration();
+  // Keyed by session identity; an entry whose session expired is stale.
+  std::map<const Session*, Activity> activity_ ABSL_GUARDED_BY(mu_);
+  // The latest rounds of all sessions, oldest first.
+  std::deque<absl::Duration> rounds_ ABSL_GUARDED_BY(mu_);
   std::deque<std::unique_ptr<Pending>> queued_ ABSL_GUARDED_BY(mu_);
   // Set while a thread runs passes.
   bool running_ ABSL_GUARDED_BY(mu_) = false;
