@@ -1,5 +1,6 @@
 #include "client/model_head.h"
 
+#include <exception>
 #include <utility>
 
 #include <ATen/ATen.h>
@@ -82,8 +83,95 @@ at::Tensor ModelHead::Logits(const at::Tensor& hidden) const {
       norm_ * (x32 * at::rsqrt(variance + config_.rms_norm_eps)).to(dtype());
 
   // A decode step's few rows read the large LM head once in tiled loops;
-  // BLAS would first copy (pack) the whole matrix.
+  // BLAS would first copy (pack) the whole matrix. The loops give each row
+  // the same result whatever rows share the product, so concurrent calls
+  // can share it.
+  const int64_t rows = normed.numel() / config_.hidden_size;
+  if (normed.is_cpu() && normed.scalar_type() == at::kFloat &&
+      lm_head_.scalar_type() == at::kFloat && rows >= 1 &&
+      rows <= kLoopMatMulMaxRows) {
+    std::vector<int64_t> sizes(normed.sizes().begin(), normed.sizes().end());
+    sizes.back() = lm_head_.size(0);
+    return SharedHeadProduct(normed.reshape({rows, config_.hidden_size}))
+        .view(sizes);
+  }
   return LinearFewRows(normed, lm_head_).to(at::kFloat);
+}
+
+struct ModelHead::HeadRequest {
+  at::Tensor rows;    // [n, hidden]
+  at::Tensor logits;  // [n, vocab] once done
+  std::exception_ptr error;
+  bool done = false;
+};
+
+at::Tensor ModelHead::SharedHeadProduct(const at::Tensor& rows) const {
+  HeadRequest request;
+  request.rows = rows.contiguous();
+  {
+    absl::MutexLock lock(&mu_);
+    waiting_.push_back(&request);
+    if (running_) {
+      // Another thread computes it.
+      mu_.Await(absl::Condition(&request.done));
+      if (request.error) std::rethrow_exception(request.error);
+      return request.logits;
+    }
+    running_ = true;
+  }
+
+  // This thread computes products until no call waits: each takes the
+  // waiting rows, oldest first, up to the rows the tiled loops take.
+  while (true) {
+    std::vector<HeadRequest*> group;
+    {
+      absl::MutexLock lock(&mu_);
+      if (waiting_.empty()) {
+        running_ = false;
+        break;
+      }
+      int64_t total = 0;
+      size_t taken = 0;
+      while (taken < waiting_.size()) {
+        const int64_t n = waiting_[taken]->rows.size(0);
+        if (taken > 0 && total + n > kLoopMatMulMaxRows) break;
+        total += n;
+        ++taken;
+      }
+      group.assign(waiting_.begin(), waiting_.begin() + taken);
+      waiting_.erase(waiting_.begin(), waiting_.begin() + taken);
+    }
+
+    std::vector<at::Tensor> outputs;
+    std::exception_ptr error;
+    try {
+      std::vector<at::Tensor> inputs;
+      for (HeadRequest* member : group) inputs.push_back(member->rows);
+      const at::Tensor product =
+          LinearFewRows(inputs.size() == 1 ? inputs[0] : at::cat(inputs), lm_head_);
+      int64_t offset = 0;
+      for (HeadRequest* member : group) {
+        const int64_t n = member->rows.size(0);
+        outputs.push_back(product.narrow(0, offset, n));
+        offset += n;
+      }
+    } catch (...) {
+      error = std::current_exception();
+    }
+
+    absl::MutexLock lock(&mu_);
+    for (size_t i = 0; i < group.size(); ++i) {
+      if (error) {
+        group[i]->error = error;
+      } else {
+        group[i]->logits = std::move(outputs[i]);
+      }
+      group[i]->done = true;
+    }
+  }
+
+  if (request.error) std::rethrow_exception(request.error);
+  return request.logits;
 }
 
 }  // namespace pollen::client

@@ -2,19 +2,25 @@
 #pragma once
 
 #include <memory>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
 #include <c10/core/ScalarType.h>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "common/checkpoint.h"
 #include "common/model_config.h"
 
 namespace pollen::client {
 
 // Token embeddings, final RMSNorm and LM head of a checkpoint, without any
-// block weights. Immutable after Load, so thread-safe.
+// block weights. Its weights are immutable after Load, and it is
+// thread-safe. Logits calls of a few rows from several threads at once
+// (sessions generating side by side in one process) share one read of the
+// float32 LM head on the CPU; each gets the same logits as alone.
 class ModelHead {
  public:
   // Loads model.embed_tokens.weight, model.norm.weight and lm_head.weight
@@ -51,6 +57,13 @@ class ModelHead {
   at::Tensor Logits(const at::Tensor& hidden) const;
 
  private:
+  // The rows of one Logits call, waiting for the LM head.
+  struct HeadRequest;
+
+  // Returns rows [n, hidden] times the LM head, [n, vocab], computed
+  // together with the rows of concurrent calls. Throws c10::Error.
+  at::Tensor SharedHeadProduct(const at::Tensor& rows) const;
+
   ModelHead(ModelConfig config, at::Tensor embed_tokens, at::Tensor norm,
             at::Tensor lm_head);
 
@@ -59,6 +72,12 @@ class ModelHead {
   const at::Tensor norm_;          // [hidden]
   // [vocab, hidden]; shares storage with embed_tokens_ when tied.
   const at::Tensor lm_head_;
+
+  mutable absl::Mutex mu_;
+  // Calls waiting for the thread that computes the LM head products.
+  mutable std::vector<HeadRequest*> waiting_ ABSL_GUARDED_BY(mu_);
+  // Set while a thread computes them.
+  mutable bool running_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 }  // namespace pollen::client

@@ -127,11 +127,11 @@ class StepBatcher {
   void NoteArrival(const std::shared_ptr<Session>& session, absl::Time now)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
-  // Median of the recent rounds; zero before any was seen.
+  // Returns the median of the recent rounds, or zero before the first.
   absl::Duration RoundTime() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // Counts the live sessions on blocks [from, to) that stepped within the
-  // last kActiveRounds rounds; forgets the others.
+  // last kActiveRounds rounds, and forgets the others.
   size_t ActiveSessions(absl::Time now, int from, int to)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
@@ -166,7 +166,7 @@ class StepBatcher {
 
   absl::Mutex mu_;
   absl::Duration last_pass_time_ ABSL_GUARDED_BY(mu_) = absl::ZeroDuration();
-  // Keyed by session identity; an entry whose session expired is stale.
+  // Sessions by identity. An entry whose session expired is stale.
   std::map<const Session*, Activity> activity_ ABSL_GUARDED_BY(mu_);
   // The latest rounds of all sessions, oldest first.
   std::deque<absl::Duration> rounds_ ABSL_GUARDED_BY(mu_);

@@ -23,6 +23,39 @@ std::string SelfExecutablePath() {
   return error ? std::string() : path.string();
 }
 
+namespace {
+
+// The variable name of an entry NAME=VALUE, with the '='.
+std::string NameOf(const char* entry) {
+  const char* equals = std::strchr(entry, '=');
+  return equals == nullptr ? std::string(entry)
+                           : std::string(entry, equals - entry + 1);
+}
+
+bool IsSet(const std::string& name_with_equals) {
+  for (char** entry = environ; *entry != nullptr; ++entry) {
+    if (std::strncmp(*entry, name_with_equals.c_str(),
+                     name_with_equals.size()) == 0) {
+      return true;
+    }
+  }
+  return false;
+}
+
+}  // namespace
+
+bool SetSleepingIdleThreads() {
+  bool set_any = false;
+  for (const char* entry : kSleepingIdleThreads) {
+    const std::string name = NameOf(entry);
+    if (IsSet(name)) continue;
+    setenv(name.substr(0, name.size() - 1).c_str(),
+           entry + name.size(), /*overwrite=*/0);
+    set_any = true;
+  }
+  return set_any;
+}
+
 absl::StatusOr<ChildProcess> ChildProcess::Start(
     const std::vector<std::string>& argv, const std::string& log_path) {
   if (argv.empty()) return absl::InvalidArgumentError("empty command line");
@@ -36,18 +69,17 @@ absl::StatusOr<ChildProcess> ChildProcess::Start(
   for (const std::string& arg : argv) args.push_back(const_cast<char*>(arg.c_str()));
   args.push_back(nullptr);
 
-  // The child's environment: this one, with OpenMP's idle threads sleeping
-  // unless the caller chose otherwise. Node processes that share cores
-  // would otherwise keep spinning threads busy while another node computes
-  // (on the 2-core bench machine this cost 12 ms per hop and token).
+  // The child's environment: this one, with idle threads that sleep
+  // unless the caller chose otherwise (see kSleepingIdleThreads; on the
+  // 2-core bench machine spinning OpenMP threads cost 12 ms per hop and
+  // token).
   std::vector<char*> environment;
-  bool wait_policy_set = false;
   for (char** entry = environ; *entry != nullptr; ++entry) {
-    if (std::strncmp(*entry, "OMP_WAIT_POLICY=", 16) == 0) wait_policy_set = true;
     environment.push_back(*entry);
   }
-  static char kPassiveWaits[] = "OMP_WAIT_POLICY=PASSIVE";
-  if (!wait_policy_set) environment.push_back(kPassiveWaits);
+  for (const char* entry : kSleepingIdleThreads) {
+    if (!IsSet(NameOf(entry))) environment.push_back(const_cast<char*>(entry));
+  }
   environment.push_back(nullptr);
 
   const pid_t parent = getpid();

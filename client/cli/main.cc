@@ -13,6 +13,8 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
+#include "absl/synchronization/mutex.h"
+#include "client/cli/child_process.h"
 #include "client/cli/commands.h"
 #include "common/activation_compression.h"
 #include "common/dtype.h"
@@ -292,6 +294,9 @@ int RunFinetune() {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // The deadlock detector keeps a global graph of lock orders, which costs
+  // every lock a trip through one global mutex. The tests keep it on.
+  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   absl::SetProgramUsageMessage(kUsage);
   // --help lists the flags of this file, where every flag is defined.
   absl::FlagsUsageConfig usage_config;
@@ -365,14 +370,17 @@ int main(int argc, char** argv) {
     return pollen::cli::RunMakeCheckpointCommand(options);
   }
   if (command == "bench") {
-    // The bench shares the cores with its nodes, so idle OpenMP threads
-    // must sleep rather than spin. libgomp reads the variable when it
-    // loads, so the process starts again with it set; the nodes inherit it.
-    if (std::getenv("OMP_WAIT_POLICY") == nullptr) {
-      setenv("OMP_WAIT_POLICY", "PASSIVE", /*overwrite=*/1);
-      execv("/proc/self/exe", argv);
-      std::cerr << "warning: could not restart with OMP_WAIT_POLICY=PASSIVE; "
-                   "set it yourself for comparable numbers\n";
+    // The bench shares the cores with its nodes, so idle OpenMP and
+    // OpenBLAS threads must sleep rather than spin. The libraries read the
+    // variables when they load, so the process starts again with them set;
+    // the nodes inherit them.
+    if (pollen::cli::SetSleepingIdleThreads()) {
+      // The binary's own path keeps the process's name (ps, top) `pollen`.
+      const std::string self = pollen::cli::SelfExecutablePath();
+      if (!self.empty()) execv(self.c_str(), argv);
+      std::cerr << "warning: could not restart with sleeping idle threads; "
+                   "set OMP_WAIT_POLICY=PASSIVE and OPENBLAS_THREAD_TIMEOUT=4 "
+                   "for comparable numbers\n";
     }
     pollen::cli::BenchCommandOptions options;
     options.bench.model_dir = absl::GetFlag(FLAGS_model);

@@ -3,6 +3,7 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -80,6 +81,45 @@ TEST(ModelHead, Shapes) {
   const at::Tensor bf16_logits =
       (*head)->Logits(at::randn({1, 1, 64}).to(at::kBFloat16));
   EXPECT_EQ(bf16_logits.scalar_type(), at::kFloat);
+}
+
+// Threads calling Logits at once share LM head products; each must get
+// exactly the logits it gets alone, including calls of several rows.
+TEST(ModelHead, ConcurrentLogitsEqualLogitsAlone) {
+  auto checkpoint = Checkpoint::Open(Stories260kDir());
+  ASSERT_TRUE(checkpoint.ok()) << checkpoint.status();
+  auto head = ModelHead::Load(**checkpoint, at::kFloat, at::kCPU);
+  ASSERT_TRUE(head.ok()) << head.status();
+
+  constexpr int kThreads = 8;
+  constexpr int kCalls = 50;
+  at::manual_seed(3);
+  std::vector<std::vector<at::Tensor>> inputs(kThreads);
+  std::vector<std::vector<at::Tensor>> alone(kThreads);
+  for (int t = 0; t < kThreads; ++t) {
+    for (int c = 0; c < kCalls; ++c) {
+      inputs[t].push_back(at::randn({1, 1 + (t + c) % 3, 64}));
+      alone[t].push_back((*head)->Logits(inputs[t].back()));
+    }
+  }
+
+  std::vector<std::vector<at::Tensor>> together(kThreads);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (const at::Tensor& input : inputs[t]) {
+        together[t].push_back((*head)->Logits(input));
+      }
+    });
+  }
+  for (std::thread& thread : threads) thread.join();
+
+  for (int t = 0; t < kThreads; ++t) {
+    for (int c = 0; c < kCalls; ++c) {
+      ASSERT_TRUE(at::equal(together[t][c], alone[t][c]))
+          << "thread " << t << ", call " << c;
+    }
+  }
 }
 
 TEST(ModelHead, EmbedMatchesTable) {
