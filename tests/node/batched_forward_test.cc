@@ -10,6 +10,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "common/checkpoint.h"
 #include "node/block_span.h"
 #include "node/llama_block.h"
@@ -341,6 +343,41 @@ TEST_F(StepBatcherTest, StepsQueuedTogetherShareOnePass) {
     ASSERT_TRUE(results[i].ok()) << results[i].status();
     EXPECT_LT(MaxDifference(*results[i], expected[i]), kTolerance);
   }
+}
+
+// Two sessions whose steps come back half a round apart, as when they sit
+// at different nodes of a chain. This node holds their first block, so a
+// pass waits for the other active session, and after a few rounds the two
+// share every pass instead of running one pass each.
+TEST_F(StepBatcherTest, OutOfPhaseSessionsRegroupAtFirstHop) {
+  auto manager = MakeManager(512);
+  constexpr int kSteps = 20;
+  constexpr absl::Duration kRestOfChain = absl::Milliseconds(20);
+  std::vector<std::shared_ptr<Session>> sessions = {
+      OpenSession(*manager, "early"), OpenSession(*manager, "late")};
+  for (const auto& session : sessions) {
+    ASSERT_TRUE(RunStep(*manager, session, at::randn({1, 1, 64}), 0).ok());
+  }
+
+  const int64_t passes_before = manager->batcher().passes_run();
+  std::vector<std::thread> clients;
+  std::atomic<int> failures{0};
+  for (int i = 0; i < 2; ++i) {
+    clients.emplace_back([&, i] {
+      absl::SleepFor(kRestOfChain / 2 * i);
+      for (int step = 1; step <= kSteps; ++step) {
+        if (!RunStep(*manager, sessions[i], at::randn({1, 1, 64}), step).ok()) {
+          ++failures;
+        }
+        absl::SleepFor(kRestOfChain);
+      }
+    });
+  }
+  for (std::thread& client : clients) client.join();
+
+  EXPECT_EQ(failures.load(), 0);
+  // One pass per step and session without regrouping: 2 * kSteps.
+  EXPECT_LE(manager->batcher().passes_run() - passes_before, kSteps + 8);
 }
 
 }  // namespace
