@@ -143,9 +143,16 @@ void StepBatcher::RunUntilIdle() {
                            ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
                              return steps_taken + queued_.size() >= expected;
                            };
+        const absl::Time wait_start = absl::Now();
         mu_.AwaitWithTimeout(absl::Condition(&arrived), GatherWait(key.from));
         for (auto& pending : queued_) active.push_back(std::move(pending));
         queued_.clear();
+        POLLEN_LOG_DEBUG(
+            "pass on blocks {}:{} waited {:.3f} ms and has {} of {} active "
+            "sessions' steps",
+            key.from, key.to,
+            absl::ToDoubleMilliseconds(absl::Now() - wait_start),
+            active.size(), expected);
       }
     }
     RunPass(active);
