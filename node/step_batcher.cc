@@ -136,7 +136,9 @@ void StepBatcher::RunUntilIdle() {
       // Wait for the steps of active sessions that have not arrived, so
       // that they share this pass (see the class comment).
       const PassKey key = KeyOf(*active.front()->task.session);
-      const size_t expected = ActiveSessions(absl::Now(), key.from, key.to);
+      const absl::Duration round = RoundTime();
+      const size_t expected =
+          ActiveSessions(absl::Now(), key.from, key.to, round);
       if (active.size() < expected) {
         const size_t steps_taken = active.size();
         auto arrived = [this, steps_taken, expected]()
@@ -144,7 +146,8 @@ void StepBatcher::RunUntilIdle() {
                              return steps_taken + queued_.size() >= expected;
                            };
         const absl::Time wait_start = absl::Now();
-        mu_.AwaitWithTimeout(absl::Condition(&arrived), GatherWait(key.from));
+        mu_.AwaitWithTimeout(absl::Condition(&arrived),
+                             GatherWait(key.from, round));
         for (auto& pending : queued_) active.push_back(std::move(pending));
         queued_.clear();
         POLLEN_LOG_DEBUG(
@@ -186,9 +189,9 @@ absl::Duration StepBatcher::RoundTime() const {
   return sorted[sorted.size() / 2];
 }
 
-size_t StepBatcher::ActiveSessions(absl::Time now, int from, int to) {
-  const absl::Time since =
-      now - (kActiveRounds * RoundTime() + kRoundTripAllowance);
+size_t StepBatcher::ActiveSessions(absl::Time now, int from, int to,
+                                   absl::Duration round) {
+  const absl::Time since = now - (kActiveRounds * round + kRoundTripAllowance);
   size_t count = 0;
   for (auto it = activity_.begin(); it != activity_.end();) {
     const Activity& activity = it->second;
@@ -202,8 +205,8 @@ size_t StepBatcher::ActiveSessions(absl::Time now, int from, int to) {
   return count;
 }
 
-absl::Duration StepBatcher::GatherWait(int from) const {
-  if (from == 0) return std::min(RoundTime(), kMaxRoundWait);
+absl::Duration StepBatcher::GatherWait(int from, absl::Duration round) const {
+  if (from == 0) return std::min(round, kMaxRoundWait);
   return std::min(last_pass_time_ * kGatherFraction, kMaxGatherWait);
 }
 

@@ -59,14 +59,14 @@ struct StepBatcherOptions {
 // Concurrent sessions drift apart: each pass takes the steps that happen
 // to be there, and the others wait for the next pass. So when sessions
 // that are still stepping have not sent their next step yet, a pass first
-// waits for them. For the sessions whose first hop this node is (their
-// range starts at block 0), the wait lasts up to one round of a session
-// (the median time between its steps here), at most kMaxRoundWait: the
-// sessions regroup here and travel the rest of the chain together, and
-// every node reads its weights once per round for all of them. Nodes
-// sharing a machine's memory bandwidth gain the most. Elsewhere a pass
-// waits at most a quarter of the previous pass and kMaxGatherWait, for
-// steps a little behind the others. A lone session never waits.
+// waits for them. Where this node is the sessions' first hop (their range
+// starts at block 0), the wait lasts up to one round of a session (the
+// median time between its steps here), at most kMaxRoundWait. The
+// sessions then regroup here and travel the rest of the chain together, so
+// every node reads its weights once per round for all of them. Nodes that
+// share a machine's memory bandwidth gain the most. Elsewhere a pass waits
+// at most a quarter of the previous pass and kMaxGatherWait, for steps a
+// little behind the others. A lone session never waits.
 //
 // A pass contains steps of one span and block range. Steps of sessions with
 // LoRA adapters or deep prompts run alone. Within that, steps that fit the
@@ -113,7 +113,7 @@ class StepBatcher {
   // Runs passes until no step is queued or unfinished.
   void RunUntilIdle();
 
-  // What the batcher knows of a session that stepped recently.
+  // The batcher's record of a session that stepped recently.
   struct Activity {
     // Expires when the session's stream ends.
     std::weak_ptr<Session> session;
@@ -130,14 +130,16 @@ class StepBatcher {
   // Returns the median of the recent rounds, or zero before the first.
   absl::Duration RoundTime() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
-  // Counts the live sessions on blocks [from, to) that stepped within the
-  // last kActiveRounds rounds, and forgets the others.
-  size_t ActiveSessions(absl::Time now, int from, int to)
+  // Counts the live sessions on blocks [from, to) whose last step is at
+  // most kActiveRounds rounds of length `round` old. Drops the records of
+  // the other sessions.
+  size_t ActiveSessions(absl::Time now, int from, int to, absl::Duration round)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
-  // How long the next pass, whose oldest step is on blocks [from, ...),
-  // waits for missing steps.
-  absl::Duration GatherWait(int from) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Returns how long the next pass waits for missing steps when its oldest
+  // step is on blocks starting at `from` and a round lasts `round`.
+  absl::Duration GatherWait(int from, absl::Duration round) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // Chooses the steps of the next pass from `active`, oldest first.
   std::vector<Member> ChooseMembers(

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <filesystem>
@@ -23,34 +24,11 @@ std::string SelfExecutablePath() {
   return error ? std::string() : path.string();
 }
 
-namespace {
-
-// The variable name of an entry NAME=VALUE, with the '='.
-std::string NameOf(const char* entry) {
-  const char* equals = std::strchr(entry, '=');
-  return equals == nullptr ? std::string(entry)
-                           : std::string(entry, equals - entry + 1);
-}
-
-bool IsSet(const std::string& name_with_equals) {
-  for (char** entry = environ; *entry != nullptr; ++entry) {
-    if (std::strncmp(*entry, name_with_equals.c_str(),
-                     name_with_equals.size()) == 0) {
-      return true;
-    }
-  }
-  return false;
-}
-
-}  // namespace
-
 bool SetSleepingIdleThreads() {
   bool set_any = false;
-  for (const char* entry : kSleepingIdleThreads) {
-    const std::string name = NameOf(entry);
-    if (IsSet(name)) continue;
-    setenv(name.substr(0, name.size() - 1).c_str(),
-           entry + name.size(), /*overwrite=*/0);
+  for (const EnvironmentDefault& variable : kSleepingIdleThreads) {
+    if (std::getenv(variable.name) != nullptr) continue;
+    setenv(variable.name, variable.value, /*overwrite=*/0);
     set_any = true;
   }
   return set_any;
@@ -70,16 +48,20 @@ absl::StatusOr<ChildProcess> ChildProcess::Start(
   args.push_back(nullptr);
 
   // The child's environment: this one, with idle threads that sleep
-  // unless the caller chose otherwise (see kSleepingIdleThreads; on the
-  // 2-core bench machine spinning OpenMP threads cost 12 ms per hop and
-  // token).
+  // unless the caller chose otherwise (see kSleepingIdleThreads). On the
+  // 2-core bench machine, spinning OpenMP threads cost 12 ms per hop and
+  // token.
+  std::vector<std::string> defaults;
+  for (const EnvironmentDefault& variable : kSleepingIdleThreads) {
+    if (std::getenv(variable.name) == nullptr) {
+      defaults.push_back(absl::StrCat(variable.name, "=", variable.value));
+    }
+  }
   std::vector<char*> environment;
   for (char** entry = environ; *entry != nullptr; ++entry) {
     environment.push_back(*entry);
   }
-  for (const char* entry : kSleepingIdleThreads) {
-    if (!IsSet(NameOf(entry))) environment.push_back(const_cast<char*>(entry));
-  }
+  for (std::string& entry : defaults) environment.push_back(entry.data());
   environment.push_back(nullptr);
 
   const pid_t parent = getpid();

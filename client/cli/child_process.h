@@ -11,22 +11,26 @@
 
 namespace pollen::cli {
 
-// Environment entries that make idle OpenMP (libgomp) and OpenBLAS threads
-// sleep at once instead of spinning, for processes that share cores: a
-// node's spinning threads would take the cores from the node that
-// computes. Each applies only where its variable is unset.
-inline constexpr const char* kSleepingIdleThreads[] = {
-    "OMP_WAIT_POLICY=PASSIVE", "OPENBLAS_THREAD_TIMEOUT=4"};
+// Environment variables, with their values, that make idle OpenMP
+// (libgomp) and OpenBLAS threads sleep at once instead of spinning. Nodes
+// that share cores need them, because a spinning thread takes the core
+// from the node that computes. Each applies only where it is unset.
+struct EnvironmentDefault {
+  const char* name;
+  const char* value;
+};
+inline constexpr EnvironmentDefault kSleepingIdleThreads[] = {
+    {"OMP_WAIT_POLICY", "PASSIVE"}, {"OPENBLAS_THREAD_TIMEOUT", "4"}};
 
-// Sets in this process's environment each entry of kSleepingIdleThreads
-// whose variable is unset, and returns whether it set any. The libraries
+// Sets in this process's environment each variable of
+// kSleepingIdleThreads that is unset, and returns whether it set any. The libraries
 // read them when they load, so only processes started afterwards (or this
 // one, started again) see them.
 bool SetSleepingIdleThreads();
 
 // A started program whose stdout and stderr go to a log file. It gets this
-// process's environment plus the entries of kSleepingIdleThreads whose
-// variables are unset.
+// process's environment plus the variables of kSleepingIdleThreads that are
+// unset.
 // The child is sent SIGTERM if this process dies first. Destruction stops it (SIGTERM,
 // then SIGKILL after a grace period). Not thread-safe.
 class ChildProcess {
