@@ -52,11 +52,11 @@ class HopStream {
   absl::StatusOr<StepOutput> Step(const at::Tensor& hidden, int64_t position,
                                   absl::Duration timeout);
 
-  // The two halves of Step. Send starts writing the step, asking the node
-  // to push its output to `push_to` (the sessions of the following hops,
-  // nearest first; empty for none), and returns at once. Receive waits for
-  // the reply to the step sent last, or, when the previous node pushed this
-  // hop's step, for the reply to that.
+  // The two halves of Step. Send starts writing the step and returns at
+  // once. It asks the node to push its output to `push_to`, the sessions
+  // of the following hops, nearest first (empty for none). Receive waits
+  // for the reply to the step sent last, or, when the previous node pushed
+  // this hop's step, for the reply to that.
   absl::Status Send(const at::Tensor& hidden, int64_t position,
                     const std::vector<v1::PushTarget>& push_to);
   absl::StatusOr<StepOutput> Receive(absl::Duration timeout);

@@ -252,8 +252,8 @@ void InferenceReactor::StepDone(StepSource source,
   }
 
   // Send the output on to the next hop, with the hops after it. The reply
-  // to the client waits for the answer, so that it can say whether the
-  // client must send the output itself.
+  // to the client waits for the push's result, so that it can say whether
+  // the client must send the output itself.
   auto push = std::make_unique<v1::PushRequest>();
   v1::InferenceStep* next = push->mutable_step();
   next->set_session_id(step.push_to(0).session_id());
@@ -309,7 +309,7 @@ void InferenceReactor::QueueReply(Reply reply) {
       write = true;
     }
   }
-  // A stream that is ending drops the reply; nobody waits for it.
+  // A stream that is ending drops the reply, because no client reads it.
   if (write) {
     WriteReply(reply);
   } else {

@@ -75,7 +75,7 @@ class InferenceReactor final
  private:
   friend class StepMailbox;
 
-  // Where the running step came from.
+  // Source of the running step.
   enum class StepSource { kNone, kStream, kPush };
 
   // A reply waiting for its write: the step's output or the open's reply.
@@ -108,7 +108,7 @@ class InferenceReactor final
   void SubmitStep(const v1::InferenceStep& step, StepSource source,
                   std::shared_ptr<Session> session, at::Tensor hidden);
 
-  // Pushes the output when the step asks for it, then replies.
+  // Pushes the output when the step names push targets, then replies.
   void StepDone(StepSource source, const v1::InferenceStep& step,
                 absl::StatusOr<at::Tensor> output);
 

@@ -32,8 +32,8 @@ struct SessionRequest {
   // LoRA updates applied on every step, by absolute block index, in the
   // span's dtype and device; empty for none.
   std::map<int, BlockAdapter> adapters;
-  // Where steps pushed by other nodes for this session go: the stream that
-  // opened it. Null rejects pushes.
+  // Destination of the steps that other nodes push for this session: the
+  // stream that opened it. Null rejects pushes.
   std::shared_ptr<StepMailbox> mailbox;
 };
 

@@ -14,12 +14,12 @@
 
 namespace pollen::node {
 
-// Longest a push may take before it counts as failed. The receiving node
-// answers once it has queued the step, so this bounds a network hop, not
-// a forward pass.
+// Maximum time a push may take before it counts as failed. The receiving
+// node replies once it has queued the step, so this bounds a network hop,
+// not a forward pass.
 inline constexpr absl::Duration kPushTimeout = absl::Seconds(5);
 
-// Longest host:port a client may name as a push target.
+// Maximum length of the host:port a client may name as a push target.
 inline constexpr size_t kMaxPushAddressLength = 255;
 
 // Checks a client's push target before any work: a host:port address of at
@@ -30,6 +30,10 @@ absl::Status ValidatePushTarget(const v1::PushTarget& target,
 
 // Makes Push calls to other nodes over pooled channels, without blocking
 // the caller. Thread-safe.
+//
+// NOTE: the addresses come from the client and are not checked against
+// the DHT records, so a client can make this node dial any host:port, and
+// the channel to each address stays pooled while the node runs.
 class StepPusher {
  public:
   StepPusher() = default;

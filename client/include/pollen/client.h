@@ -70,7 +70,7 @@ struct ClientOptions {
   // node of the route, and the client sends only the first node's input.
   // A node whose push fails returns its output, and the client sends it on.
   // It saves a round trip per node when the nodes are closer to each other
-  // than to the client; on one machine relaying is faster (see
+  // than to the client. On one machine relaying is faster (see
   // docs/benchmarks.md).
   bool push = false;
   // Encoding of the hidden states sent to and from the nodes: "none"
