@@ -13,9 +13,12 @@ namespace {
 // A node gets this long to finish a stream that the client half-closed.
 constexpr std::chrono::seconds kCloseTimeout(5);
 
-// Completion queue tags. Only the count of pending operations matters, so
-// every operation uses the same tag.
-void* const kOperationTag = reinterpret_cast<void*>(1);
+// Completion queue tags, one per kind of operation: the addresses of
+// these bytes.
+char write_tag_byte, read_tag_byte, other_tag_byte;
+void* const kWriteTag = &write_tag_byte;
+void* const kReadTag = &read_tag_byte;
+void* const kOtherTag = &other_tag_byte;
 
 std::string DescribeHop(const scheduler::RouteHop& hop) {
   return absl::StrCat("node ", hop.server.node_id.substr(0, 12), " at ",
@@ -44,25 +47,38 @@ absl::Status HopStream::Open(const v1::InferenceOpen& open,
   // The call's headers go out with the open message, in one write. With
   // corked metadata, gRPC returns no completion for StartCall itself
   // (ClientAsyncReaderWriter::StartCallInternal in gRPC 1.51), so it is
-  // not counted as pending.
+  // not awaited.
   context_.set_initial_metadata_corked(true);
   stream_ = stub_->PrepareAsyncInference(&context_, &queue_);
-  stream_->StartCall(kOperationTag);
+  stream_->StartCall(kOtherTag);
   *request_.mutable_open() = open;
   compression_ = open.compression();
-  return Exchange(timeout);
+  stream_->Write(request_, kWriteTag);
+  write_pending_ = true;
+  return Receive(0, timeout).status();
 }
 
 absl::StatusOr<HopStream::StepOutput> HopStream::Step(const at::Tensor& hidden,
                                                       int64_t position,
                                                       absl::Duration timeout) {
   POLLEN_RETURN_IF_ERROR(Send(hidden, position, {}));
-  return Receive(timeout);
+  return Receive(position + hidden.size(1), timeout);
 }
 
 absl::Status HopStream::Send(const at::Tensor& hidden, int64_t position,
                              const std::vector<v1::PushTarget>& push_to) {
   POLLEN_RETURN_IF_ERROR(CheckUsable());
+  // The previous write returned long ago, since its reply came back, but
+  // its completion may still wait in the queue.
+  if (write_pending_ &&
+      !Drain(Clock::now() + kCloseTimeout, [this] { return !write_pending_; })) {
+    Cancel();
+    failed_ = true;
+    return absl::DeadlineExceededError(absl::StrCat(
+        DescribeHop(hop_), ": the previous step was not sent within ",
+        kCloseTimeout.count(), " s"));
+  }
+
   v1::InferenceStep* step = request_.mutable_step();
   POLLEN_RETURN_IF_ERROR(
       TensorToProto(hidden, step->mutable_hidden_states(), compression_));
@@ -70,26 +86,57 @@ absl::Status HopStream::Send(const at::Tensor& hidden, int64_t position,
   step->clear_push_to();
   for (const v1::PushTarget& target : push_to) *step->add_push_to() = target;
 
-  // The write completes while Receive waits; request_ stays untouched
-  // until then.
-  operation_failed_ = false;
-  stream_->Write(request_, kOperationTag);
-  ++pending_;
+  // request_ stays untouched until the write returns.
+  stream_->Write(request_, kWriteTag);
+  write_pending_ = true;
   return absl::OkStatus();
 }
 
 absl::StatusOr<HopStream::StepOutput> HopStream::Receive(
-    absl::Duration timeout) {
-  POLLEN_RETURN_IF_ERROR(AwaitReply(timeout));
+    int64_t end_position, absl::Duration timeout) {
+  POLLEN_ASSIGN_OR_RETURN(std::optional<StepOutput> output,
+                          Poll(end_position, absl::Now() + timeout));
+  if (output.has_value()) return *std::move(output);
+  Cancel();
+  failed_ = true;
+  return absl::DeadlineExceededError(absl::StrCat(
+      DescribeHop(hop_), " did not answer within ",
+      absl::FormatDuration(timeout)));
+}
+
+absl::StatusOr<std::optional<HopStream::StepOutput>> HopStream::Poll(
+    int64_t end_position, absl::Time deadline) {
+  POLLEN_RETURN_IF_ERROR(CheckUsable());
+  while (true) {
+    if (!read_pending_ && !read_returned_) {
+      stream_->Read(&response_, kReadTag);
+      read_pending_ = true;
+    }
+    if (!Drain(absl::ToChronoTime(deadline), [this] { return read_returned_; })) {
+      return std::nullopt;
+    }
+    read_returned_ = false;
+    if (!read_ok_) return FailFromStatus();
+    if (response_.position() == end_position) break;
+    POLLEN_LOG_DEBUG("{}: dropped a late reply ending at position {}",
+                     DescribeHop(hop_), response_.position());
+  }
 
   // The output is copied out of the response, which the next step reuses.
   StepOutput output;
   output.draining = response_.draining();
-  output.pushed = response_.pushed();
-  POLLEN_ASSIGN_OR_RETURN(
-      output.hidden,
-      TensorFromProto(response_.hidden_states(),
-                      absl::StrCat("output of ", DescribeHop(hop_))));
+  const std::string what = absl::StrCat("output of ", DescribeHop(hop_));
+  if (response_.has_hidden_states()) {
+    POLLEN_ASSIGN_OR_RETURN(output.hidden,
+                            TensorFromProto(response_.hidden_states(), what));
+  }
+  for (const v1::HopOutput& entry : response_.trail()) {
+    TrailEntry& copied = output.trail.emplace_back();
+    copied.draining = entry.draining();
+    POLLEN_ASSIGN_OR_RETURN(copied.hidden,
+                            TensorFromProto(entry.hidden_states(),
+                                            absl::StrCat("trail of ", what)));
+  }
   return output;
 }
 
@@ -101,36 +148,13 @@ absl::Status HopStream::CheckUsable() const {
   return absl::OkStatus();
 }
 
-absl::Status HopStream::Exchange(absl::Duration timeout) {
-  POLLEN_RETURN_IF_ERROR(CheckUsable());
-  operation_failed_ = false;
-  stream_->Write(request_, kOperationTag);
-  ++pending_;
-  return AwaitReply(timeout);
-}
-
-absl::Status HopStream::AwaitReply(absl::Duration timeout) {
-  POLLEN_RETURN_IF_ERROR(CheckUsable());
-  const Clock::time_point deadline =
-      Clock::now() + absl::ToChronoMilliseconds(timeout);
-
-  // The read, and the write when one is in flight, are polled here.
-  stream_->Read(&response_, kOperationTag);
-  ++pending_;
-  if (!AwaitPending(deadline)) {
-    Cancel();
-    failed_ = true;
-    return absl::DeadlineExceededError(
-        absl::StrCat(DescribeHop(hop_), " did not answer within ",
-                     absl::FormatDuration(timeout)));
-  }
-  if (!operation_failed_) return absl::OkStatus();
-
+absl::Status HopStream::FailFromStatus() {
   // The node ended the stream, and its status gives the reason.
   failed_ = true;
-  stream_->Finish(&finish_status_, kOperationTag);
-  ++pending_;
-  if (!AwaitPending(Clock::now() + kCloseTimeout)) {
+  stream_->Finish(&finish_status_, kOtherTag);
+  ++other_pending_;
+  if (!Drain(Clock::now() + kCloseTimeout,
+             [this] { return other_pending_ == 0; })) {
     Cancel();
     return absl::UnavailableError(absl::StrCat(
         DescribeHop(hop_), ": stream broke and the node sent no status"));
@@ -143,8 +167,9 @@ absl::Status HopStream::AwaitReply(absl::Duration timeout) {
                                                  error.message()));
 }
 
-bool HopStream::AwaitPending(Clock::time_point deadline) {
-  while (pending_ > 0) {
+template <typename Done>
+bool HopStream::Drain(Clock::time_point deadline, Done done) {
+  while (!done()) {
     void* tag = nullptr;
     bool ok = false;
     const grpc::CompletionQueue::NextStatus next =
@@ -152,19 +177,30 @@ bool HopStream::AwaitPending(Clock::time_point deadline) {
     if (next == grpc::CompletionQueue::TIMEOUT) return false;
     if (next == grpc::CompletionQueue::SHUTDOWN) {
       // Only the destructor shuts the queue down, after the last wait.
-      pending_ = 0;
-      operation_failed_ = true;
+      write_pending_ = read_pending_ = false;
+      other_pending_ = 0;
+      read_returned_ = true;
+      read_ok_ = false;
       return true;
     }
-    --pending_;
-    if (!ok) operation_failed_ = true;
+    if (tag == kWriteTag) {
+      write_pending_ = false;
+    } else if (tag == kReadTag) {
+      read_pending_ = false;
+      read_returned_ = true;
+      read_ok_ = ok;
+    } else {
+      --other_pending_;
+    }
   }
   return true;
 }
 
 void HopStream::Cancel() {
   context_.TryCancel();
-  AwaitPending(Clock::time_point::max());
+  Drain(Clock::time_point::max(), [this] {
+    return !write_pending_ && !read_pending_ && other_pending_ == 0;
+  });
 }
 
 void HopStream::Abort() {
@@ -182,11 +218,20 @@ void HopStream::Close() {
   }
 
   // Half-close, then collect the status, so that the node reads a clean
-  // end of stream and frees the session at once.
-  stream_->WritesDone(kOperationTag);
-  stream_->Finish(&finish_status_, kOperationTag);
-  pending_ += 2;
-  if (!AwaitPending(Clock::now() + kCloseTimeout)) {
+  // end of stream and frees the session at once. A read still pending
+  // returns when the node finishes. The last step's write must be back
+  // before the half-close starts.
+  if (write_pending_ &&
+      !Drain(Clock::now() + kCloseTimeout, [this] { return !write_pending_; })) {
+    Cancel();
+    return;
+  }
+  stream_->WritesDone(kOtherTag);
+  stream_->Finish(&finish_status_, kOtherTag);
+  other_pending_ += 2;
+  if (!Drain(Clock::now() + kCloseTimeout, [this] {
+        return !write_pending_ && !read_pending_ && other_pending_ == 0;
+      })) {
     POLLEN_LOG_DEBUG("closing stream to {}: no status within {} s; cancelled",
                      DescribeHop(hop_), kCloseTimeout.count());
     Cancel();

@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
@@ -23,15 +24,28 @@ namespace pollen::client {
 // deadline cancels the call. The request and response messages are reused
 // from step to step, so their buffers are allocated once.
 //
+// With server-to-server push, a node replies only to the steps that reach
+// the end of the route, and to the steps it could not push. A read therefore
+// stays pending across steps on the hops in between, and a reply for
+// another step than the one awaited (a push that failed after the client
+// moved on) is dropped.
+//
 // Thread-compatible: one call at a time. After a failure every later call
 // fails at once; the chain replaces the hop.
 class HopStream {
  public:
+  // The output of one node of a pushed step.
+  struct TrailEntry {
+    at::Tensor hidden;  // [batch, new_tokens, hidden], owning its memory
+    bool draining = false;
+  };
+
   struct StepOutput {
     at::Tensor hidden;  // [batch, new_tokens, hidden], owning its memory
     bool draining = false;
-    // The node pushed `hidden` to the first of the step's push targets.
-    bool pushed = false;
+    // For a step that reached this node by push, and from a node that
+    // could not push: the outputs of the earlier nodes, in route order.
+    std::vector<TrailEntry> trail;
   };
 
   HopStream(scheduler::RouteHop hop, std::shared_ptr<grpc::Channel> channel);
@@ -52,14 +66,22 @@ class HopStream {
   absl::StatusOr<StepOutput> Step(const at::Tensor& hidden, int64_t position,
                                   absl::Duration timeout);
 
-  // The two halves of Step. Send starts writing the step and returns at
-  // once. It asks the node to push its output to `push_to`, the sessions
-  // of the following hops, nearest first (empty for none). Receive waits
-  // for the reply to the step sent last, or, when the previous node pushed
-  // this hop's step, for the reply to that.
+  // The halves of Step. Send starts writing the step and returns at once.
+  // The node pushes its output to `push_to`, the sessions of the following
+  // hops, nearest first (empty for none).
   absl::Status Send(const at::Tensor& hidden, int64_t position,
                     const std::vector<v1::PushTarget>& push_to);
-  absl::StatusOr<StepOutput> Receive(absl::Duration timeout);
+
+  // Waits for the reply that ends at `end_position` (the step's position
+  // plus its new tokens). Errors as Open.
+  absl::StatusOr<StepOutput> Receive(int64_t end_position,
+                                     absl::Duration timeout);
+
+  // Waits until `deadline` for that reply. Returns nullopt at the deadline
+  // and keeps waiting in the background, so that a later call finds the
+  // reply. Errors as Open, except that the deadline fails nothing.
+  absl::StatusOr<std::optional<StepOutput>> Poll(int64_t end_position,
+                                                 absl::Time deadline);
 
   // Cancels the stream at once, for a stream whose state is unknown.
   void Abort();
@@ -74,21 +96,17 @@ class HopStream {
  private:
   using Clock = std::chrono::system_clock;
 
-  // Writes request_ and reads response_ within `timeout`. On failure it
-  // collects the node's status, so that the error gives the reason.
-  absl::Status Exchange(absl::Duration timeout);
+  // Takes completed operations from the queue until `done()` returns true
+  // or `deadline` passes. Returns false at the deadline.
+  template <typename Done>
+  bool Drain(Clock::time_point deadline, Done done);
 
-  // Reads response_, and waits for it and any write in flight, within
-  // `timeout`. Errors as Exchange.
-  absl::Status AwaitReply(absl::Duration timeout);
+  // Fails the stream after a failed read: collects the node's status, so
+  // that the error gives the reason.
+  absl::Status FailFromStatus();
 
   // Fails when the stream already failed or was closed.
   absl::Status CheckUsable() const;
-
-  // Waits until every started operation is back from the queue, or until
-  // `deadline`. Returns false at the deadline. Sets operation_failed_ when
-  // an operation came back not ok.
-  bool AwaitPending(Clock::time_point deadline);
 
   // Cancels the call and waits for its operations, which then return soon.
   void Cancel();
@@ -110,8 +128,13 @@ class HopStream {
   v1::Compression compression_ = v1::COMPRESSION_NONE;
 
   // Operations started and not yet returned by queue_.
-  int pending_ = 0;
-  bool operation_failed_ = false;
+  bool write_pending_ = false;
+  bool read_pending_ = false;
+  int other_pending_ = 0;  // WritesDone and Finish calls
+  // A read that returned and was not consumed yet, and whether it got a
+  // message.
+  bool read_returned_ = false;
+  bool read_ok_ = false;
   bool failed_ = false;
   bool closed_ = false;
 };

@@ -1,5 +1,7 @@
 #include "client/remote_chain.h"
 
+#include <algorithm>
+#include <optional>
 #include <random>
 #include <utility>
 
@@ -42,6 +44,10 @@ v1::InferenceOpen MakeOpenMessage(const ChainOptions& options,
   }
   return open;
 }
+
+// How often a pushed step's wait for the last node pauses to check the
+// nodes in between for one that could not push.
+constexpr absl::Duration kPushWatchInterval = absl::Milliseconds(10);
 
 }  // namespace
 
@@ -242,49 +248,104 @@ absl::Status InferenceChain::RestartHop(size_t index) {
 }
 
 absl::Status InferenceChain::RunHops(size_t first, at::Tensor* hidden,
-                                     bool push, size_t* failed) {
-  // Set when the previous node pushed this hop's input, so that the client
-  // only collects the reply.
-  bool pushed_here = false;
+                                     size_t* failed) {
   for (size_t i = first; i < hops_.size(); ++i) {
     *failed = i;
     POLLEN_RETURN_IF_ERROR(EnsureOpen(i));
     Hop& hop = *hops_[i];
-    const bool push_next = push && i + 1 < hops_.size();
-
-    absl::Status sent = absl::OkStatus();
-    if (!pushed_here) {
-      std::vector<v1::PushTarget> push_to;
-      for (size_t j = i + 1; push_next && j < hops_.size(); ++j) {
-        v1::PushTarget& target = push_to.emplace_back();
-        target.set_address(hops_[j]->route_hop.server.address);
-        target.set_session_id(hops_[j]->stream_session_id);
-      }
-      sent = hop.stream->Send(*hidden, position_, push_to);
-    }
     absl::StatusOr<HopStream::StepOutput> output =
-        sent.ok() ? hop.stream->Receive(options_.step_timeout)
-                  : absl::StatusOr<HopStream::StepOutput>(sent);
+        hop.stream->Step(*hidden, position_, options_.step_timeout);
     if (!output.ok()) {
       RecordFailure(hop.route_hop.server.node_id);
       return output.status();
     }
-
     hop.inputs.push_back(*hidden);
     hop.draining = hop.draining || output->draining;
     *hidden = std::move(output->hidden);
-    pushed_here = push_next && output->pushed;
-    if (push_next && !output->pushed) {
-      POLLEN_LOG_DEBUG("session {}: {} did not push its output; relaying it",
-                       session_id_, DescribeHop(hop.route_hop));
-    }
   }
   return absl::OkStatus();
 }
 
+absl::StatusOr<size_t> InferenceChain::RunPushed(at::Tensor* hidden,
+                                                 size_t* failed) {
+  const size_t last = hops_.size() - 1;
+  const int64_t end = position_ + hidden->size(1);
+  std::vector<v1::PushTarget> push_to;
+  for (size_t j = 1; j <= last; ++j) {
+    v1::PushTarget& target = push_to.emplace_back();
+    target.set_address(hops_[j]->route_hop.server.address);
+    target.set_session_id(hops_[j]->stream_session_id);
+  }
+  *failed = 0;
+  const absl::Status sent = hops_[0]->stream->Send(*hidden, position_, push_to);
+  if (!sent.ok()) {
+    RecordFailure(hops_[0]->route_hop.server.node_id);
+    return sent;
+  }
+
+  // The last node replies to a step that went all the way, and a node in
+  // between replies only when it could not push. The wait is cut into
+  // short slices so the others are checked now and then.
+  const absl::Time deadline = absl::Now() + options_.step_timeout;
+  std::optional<HopStream::StepOutput> output;
+  size_t replied = last;
+  while (!output.has_value()) {
+    for (size_t j = last + 1; j-- > 0 && !output.has_value();) {
+      *failed = j;
+      // The others are only checked: a deadline of now returns at once
+      // (gRPC reads a time before 1970 as no deadline at all).
+      const absl::Time now = absl::Now();
+      const absl::Time until =
+          j == last ? std::min(deadline, now + kPushWatchInterval) : now;
+      absl::StatusOr<std::optional<HopStream::StepOutput>> polled =
+          hops_[j]->stream->Poll(end, until);
+      if (!polled.ok()) {
+        RecordFailure(hops_[j]->route_hop.server.node_id);
+        return polled.status();
+      }
+      if (polled->has_value()) {
+        output = std::move(*polled);
+        replied = j;
+      }
+    }
+    if (!output.has_value() && absl::Now() >= deadline) {
+      *failed = last;
+      return absl::DeadlineExceededError(absl::StrCat(
+          "no node replied to the pushed step at position ", position_,
+          " within ", absl::FormatDuration(options_.step_timeout)));
+    }
+  }
+
+  // The trail contains the outputs of the hops before the one that replied.
+  if (output->trail.size() != replied) {
+    *failed = replied;
+    return absl::InternalError(absl::StrCat(
+        DescribeHop(hops_[replied]->route_hop), " replied with ",
+        output->trail.size(), " trail entries, expected ", replied));
+  }
+  hops_[0]->inputs.push_back(*hidden);
+  for (size_t k = 0; k < replied; ++k) {
+    hops_[k]->draining = hops_[k]->draining || output->trail[k].draining;
+    hops_[k + 1]->inputs.push_back(std::move(output->trail[k].hidden));
+  }
+  hops_[replied]->draining = hops_[replied]->draining || output->draining;
+  *hidden = std::move(output->hidden);
+  return replied == last ? hops_.size() : replied + 1;
+}
+
+absl::StatusOr<size_t> InferenceChain::RestartAllBut(size_t failed) {
+  for (size_t j = hops_.size(); j-- > 0;) {
+    if (j == failed) continue;
+    const size_t hops_before = hops_.size();
+    POLLEN_RETURN_IF_ERROR(RestartHop(j));
+    if (j < failed) failed += hops_.size() - hops_before;
+  }
+  return failed;
+}
+
 absl::StatusOr<at::Tensor> InferenceChain::Step(const at::Tensor& hidden) {
   // A push names the sessions of the later hops, so every hop must be open.
-  bool push = options_.push && hops_.size() > 1;
+  bool push = options_.push && !push_stopped_ && hops_.size() > 1;
   for (size_t i = 0; push && i < hops_.size(); ++i) {
     if (hops_[i]->stream == nullptr) push = false;
   }
@@ -294,8 +355,32 @@ absl::StatusOr<at::Tensor> InferenceChain::Step(const at::Tensor& hidden) {
   int failovers_this_step = 0;
   while (true) {
     size_t failed = first;
-    const absl::Status status = RunHops(first, &current, push, &failed);
-    if (status.ok()) break;
+    const bool pushed = push;
+    absl::Status status;
+    if (push) {
+      push = false;
+      absl::StatusOr<size_t> resume = RunPushed(&current, &failed);
+      if (resume.ok() && *resume == hops_.size()) break;
+      push_stopped_ = true;
+      if (resume.ok()) {
+        // Hop *resume - 1 could not push. When its push broke after the
+        // write, the later hops may have run the step, so they start again
+        // from their kept inputs, and the client relays from there on.
+        POLLEN_LOG_WARN("session {} at position {}: {} could not push its "
+                        "output; relaying from now on",
+                        session_id_, position_,
+                        DescribeHop(hops_[*resume - 1]->route_hop));
+        for (size_t j = hops_.size(); j-- > *resume;) {
+          POLLEN_RETURN_IF_ERROR(RestartHop(j));
+        }
+        first = *resume;
+        continue;
+      }
+      status = resume.status();
+    } else {
+      status = RunHops(first, &current, &failed);
+      if (status.ok()) break;
+    }
 
     // The hop failed: move its blocks to other nodes and run this step
     // again from the same hop.
@@ -305,14 +390,17 @@ absl::StatusOr<at::Tensor> InferenceChain::Step(const at::Tensor& hidden) {
     }
     POLLEN_LOG_WARN("session {} at position {}: {}", session_id_, position_,
                     status.ToString());
-    if (push) {
-      // Later nodes may have run this step from a push, or may still run
-      // it: restart them from their kept inputs, and relay the rest of the
-      // step.
-      for (size_t j = failed + 1; j < hops_.size(); ++j) {
-        POLLEN_RETURN_IF_ERROR(RestartHop(j));
-      }
-      push = false;
+    if (pushed) {
+      // The hops before the failed one ran this step, and the ones after
+      // may have, but only the first hop's input is at hand. Every hop goes
+      // back to its kept inputs, and the step runs again from the first.
+      POLLEN_LOG_WARN("session {}: push stopped; relaying from now on",
+                      session_id_);
+      POLLEN_ASSIGN_OR_RETURN(failed, RestartAllBut(failed));
+      POLLEN_RETURN_IF_ERROR(ReplaceHop(failed, std::string(status.message())));
+      current = hidden;
+      first = 0;
+      continue;
     }
     POLLEN_RETURN_IF_ERROR(ReplaceHop(failed, std::string(status.message())));
     first = failed;

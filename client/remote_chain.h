@@ -98,15 +98,23 @@ class InferenceChain {
   absl::Status EnsureOpen(size_t index);
   // The id of the next stream this chain opens, unique on every node.
   std::string NextStreamId();
-  // Runs `hidden` through hops [first, end), each node pushing to the next
-  // when `push` is set. Returns the last output, or the error of the hop
-  // that failed, whose index goes to `failed`.
-  // Runs `*hidden` through hops [first, end), each node pushing to the
-  // next when `push` is set; `*hidden` becomes each hop's output in turn.
-  // On failure it is the input of the hop that failed, whose index goes to
-  // `failed`.
-  absl::Status RunHops(size_t first, at::Tensor* hidden, bool push,
-                       size_t* failed);
+  // Runs `*hidden` through hops [first, end) one at a time, the client
+  // carrying each output to the next node; `*hidden` becomes each hop's
+  // output in turn. On failure it is the input of the hop that failed,
+  // whose index goes to `failed`.
+  absl::Status RunHops(size_t first, at::Tensor* hidden, size_t* failed);
+  // Sends `*hidden` to the first hop with every later hop as push targets,
+  // and waits for the last hop's answer while it watches the others for a
+  // node that could not push. Keeps the input of every hop that ran the
+  // step. Returns hops_.size() when the step went through, with `*hidden`
+  // the last output; or, when hop i could not push, i + 1 with `*hidden`
+  // hop i's output. On failure, `failed` names the hop whose stream failed
+  // (the last hop when no node answered in time).
+  absl::StatusOr<size_t> RunPushed(at::Tensor* hidden, size_t* failed);
+  // Restarts every hop but `failed` from its kept inputs, from the last to
+  // the first, and returns the index `failed` has afterwards: a restart
+  // that replaces a hop before it with several shifts it.
+  absl::StatusOr<size_t> RestartAllBut(size_t failed);
   // Opens a new session on the node of hop `index` and replays its kept
   // inputs, for a hop that may or may not have run the current step.
   // Replaces the hop with other nodes when its node fails.
@@ -132,6 +140,8 @@ class InferenceChain {
   std::set<std::string> excluded_nodes_;
   int64_t position_ = 0;
   int failovers_ = 0;
+  // Set after a push failed; the session relays from then on.
+  bool push_stopped_ = false;
   int streams_opened_ = 0;
 };
 

@@ -11,6 +11,7 @@
 #include "common/status_util.h"
 #include "node/block_span.h"
 #include "node/inference_reactor.h"
+#include "node/push_receiver.h"
 #include "node/session_manager.h"
 #include "node/training_reactor.h"
 
@@ -133,38 +134,10 @@ grpc::ServerUnaryReactor* BlockServiceImpl::Info(
   return reactor;
 }
 
-grpc::ServerUnaryReactor* BlockServiceImpl::Push(
-    grpc::CallbackServerContext* call, const v1::PushRequest* request,
-    v1::PushResponse* /*response*/) {
-  grpc::ServerUnaryReactor* reactor = call->DefaultReactor();
-  const v1::InferenceStep& step = request->step();
-  absl::Status status;
-  if (step.session_id().empty() ||
-      step.session_id().size() > static_cast<size_t>(kMaxSessionIdLength)) {
-    status = absl::InvalidArgumentError(absl::StrCat(
-        "step.session_id must have 1 to ", kMaxSessionIdLength,
-        " characters, got ", step.session_id().size()));
-  } else {
-    absl::StatusOr<std::shared_ptr<Session>> session =
-        context_->sessions->Find(step.session_id());
-    if (!session.ok()) {
-      status = session.status();
-    } else if ((*session)->request.mailbox == nullptr) {
-      status = absl::FailedPreconditionError(absl::StrCat(
-          "session '", step.session_id(), "' does not take pushed steps"));
-    } else {
-      // The pushing node learns at once that the step is taken, and this
-      // thread then runs it when no other pass is running.
-      status = (*session)->request.mailbox->Deliver(
-          *session, step, [reactor] { reactor->Finish(grpc::Status::OK); });
-      if (status.ok()) return reactor;
-    }
-  }
-  POLLEN_LOG_WARN("rejected a push for session {} from {}: {}",
-                  step.session_id().substr(0, kMaxSessionIdLength),
-                  call->peer(), status.ToString());
-  reactor->Finish(ToGrpcStatus(status));
-  return reactor;
+grpc::ServerBidiReactor<v1::PushRequest, v1::PushRejection>*
+BlockServiceImpl::PushSteps(grpc::CallbackServerContext* call) {
+  // The reactor deletes itself in OnDone.
+  return new PushReceiver(context_, call->peer());
 }
 
 grpc::ServerUnaryReactor* BlockServiceImpl::MoveBlocks(

@@ -59,6 +59,15 @@ using MoveFunction = std::function<void(
     int start, int end,
     std::function<void(absl::StatusOr<v1::BlockRange>)> done)>;
 
+struct ServiceContext;
+
+// Gives a pushed step that came back (see StepPusher) to the session that
+// pushed it, which answers its client with the output. Logs and drops it
+// when that session is gone. Defined in inference_reactor.cc.
+void ReturnPushedStep(ServiceContext* context,
+                      std::unique_ptr<v1::PushedStep> pushed,
+                      const absl::Status& reason);
+
 // State the service reads from the node. The node sets every field before
 // the server starts, except `draining`; everything referred to must outlive
 // the service.
@@ -78,8 +87,12 @@ struct ServiceContext {
   std::atomic<bool> draining{false};
   // Runs Forward and Backward passes one at a time, after inference steps.
   ComputeQueue compute;
-  // Sends step outputs to the next node when a client asks for a push.
-  StepPusher pusher;
+  // Sends step outputs to the next node when a client asks for a push;
+  // a step that comes back goes to the session that pushed it.
+  StepPusher pusher{[this](std::unique_ptr<v1::PushedStep> pushed,
+                           absl::Status reason) {
+    ReturnPushedStep(this, std::move(pushed), reason);
+  }};
 };
 
 // Thread-safe; gRPC calls its methods from its own threads.
@@ -94,9 +107,8 @@ class BlockServiceImpl final : public v1::BlockService::CallbackService {
                                  const v1::InfoRequest* request,
                                  v1::InfoResponse* response) override;
 
-  grpc::ServerUnaryReactor* Push(grpc::CallbackServerContext* call,
-                                 const v1::PushRequest* request,
-                                 v1::PushResponse* response) override;
+  grpc::ServerBidiReactor<v1::PushRequest, v1::PushRejection>* PushSteps(
+      grpc::CallbackServerContext* call) override;
 
   grpc::ServerUnaryReactor* MoveBlocks(grpc::CallbackServerContext* call,
                                        const v1::MoveBlocksRequest* request,

@@ -54,28 +54,82 @@ absl::Status ValidateOpen(const v1::InferenceOpen& open,
 }  // namespace
 
 absl::Status StepMailbox::Deliver(const std::shared_ptr<Session>& session,
-                                  const v1::InferenceStep& step,
-                                  const std::function<void()>& accepted) {
+                                  v1::InferenceStep* step,
+                                  std::vector<StepTask>* tasks) {
+  absl::MutexLock lock(&mu_);
+  if (reactor_ == nullptr) {
+    return absl::UnavailableError(absl::StrCat(
+        "the stream of session '", step->session_id(), "' has ended"));
+  }
+  // The reserved step keeps the stream from finishing, so the reactor
+  // lives until the task ends.
+  absl::StatusOr<at::Tensor> hidden;
+  {
+    absl::MutexLock reactor_lock(&reactor_->mu_);
+    hidden = reactor_->ReservePush(session, step);
+  }
+  if (!hidden.ok()) return hidden.status();
+  POLLEN_LOG_DEBUG("session {}: pushed step at position {}",
+                   session->request.session_id,
+                   reactor_->pushed_step_.position());
+  tasks->push_back(reactor_->MakeTask(reactor_->pushed_step_,
+                                      InferenceReactor::StepSource::kPush,
+                                      session, *std::move(hidden)));
+  return absl::OkStatus();
+}
+
+void StepMailbox::ReturnPush(std::unique_ptr<v1::PushedStep> pushed,
+                             const absl::Status& reason) {
   InferenceReactor* reactor = nullptr;
   {
     absl::MutexLock lock(&mu_);
-    if (reactor_ == nullptr) {
-      return absl::UnavailableError(absl::StrCat(
-          "the stream of session '", step.session_id(), "' has ended"));
+    if (reactor_ != nullptr) {
+      absl::MutexLock reactor_lock(&reactor_->mu_);
+      if (reactor_->ReserveReturnedPush(*pushed)) reactor = reactor_;
     }
-    POLLEN_RETURN_IF_ERROR(reactor_->ReservePush(session, step));
-    reactor = reactor_;
   }
-  // The reserved step keeps the stream from finishing, so the reactor
-  // lives until the step ends. `step` may be gone after `accepted`.
-  accepted();
-  reactor->RunPushed(session);
-  return absl::OkStatus();
+  if (reactor == nullptr) {
+    POLLEN_LOG_WARN(
+        "session {}: dropped the output of position {}, which came back "
+        "from the next node ({}): the session has moved on or ended",
+        pushed->from_session_id(), pushed->step().position(),
+        reason.ToString());
+    return;
+  }
+
+  // The trail ends with this node's output, after the earlier nodes' ones.
+  InferenceReactor::Reply reply;
+  v1::InferenceStep* step = pushed->mutable_step();
+  reply.encoded.emplace();
+  reply.encoded->Swap(
+      step->mutable_trail(step->trail_size() - 1)->mutable_hidden_states());
+  step->mutable_trail()->RemoveLast();
+  reply.trail.Swap(step->mutable_trail());
+  reply.position = static_cast<uint32_t>(step->position() +
+                                         reply.encoded->shape(1));
+  POLLEN_LOG_INFO("session {}: answering position {} to the client, since "
+                  "the push failed: {}",
+                  pushed->from_session_id(), step->position(),
+                  reason.ToString());
+  reactor->EndStep(absl::OkStatus(), std::move(reply));
 }
 
 void StepMailbox::Detach() {
   absl::MutexLock lock(&mu_);
   reactor_ = nullptr;
+}
+
+void ReturnPushedStep(ServiceContext* context,
+                      std::unique_ptr<v1::PushedStep> pushed,
+                      const absl::Status& reason) {
+  absl::StatusOr<std::shared_ptr<Session>> session =
+      context->sessions->Find(pushed->from_session_id());
+  if (!session.ok() || (*session)->request.mailbox == nullptr) {
+    POLLEN_LOG_WARN("session {} is gone; dropped its returned push ({})",
+                    pushed->from_session_id(), reason.ToString());
+    return;
+  }
+  (*session)->request.mailbox->ReturnPush(std::move(pushed), reason);
 }
 
 InferenceReactor::InferenceReactor(ServiceContext* context, std::string peer)
@@ -127,13 +181,18 @@ void InferenceReactor::OnReadDone(bool ok) {
       }
       // On success the step runs now or later, and StepDone replies.
       absl::StatusOr<at::Tensor> hidden =
-          CheckStep(request_.step(), session_.get());
+          request_.step().trail().empty()
+              ? CheckStep(request_.step(), session_.get())
+              : absl::InvalidArgumentError(absl::StrCat(
+                    "a step from the client must have no trail, got ",
+                    request_.step().trail_size(), " entries"));
       if (!hidden.ok()) {
         EndStep(hidden.status(), Reply{});
         return;
       }
-      SubmitStep(request_.step(), StepSource::kStream, session_,
-                 *std::move(hidden));
+      context_->sessions->SubmitStep(MakeTask(request_.step(),
+                                              StepSource::kStream, session_,
+                                              *std::move(hidden)));
       return;
     }
     default:
@@ -142,9 +201,8 @@ void InferenceReactor::OnReadDone(bool ok) {
   }
 }
 
-absl::Status InferenceReactor::ReservePush(
-    const std::shared_ptr<Session>& session, const v1::InferenceStep& step) {
-  absl::MutexLock lock(&mu_);
+absl::StatusOr<at::Tensor> InferenceReactor::ReservePush(
+    const std::shared_ptr<Session>& session, v1::InferenceStep* step) {
   const std::string& session_id = session->request.session_id;
   if (finished_ || finish_status_.has_value()) {
     return absl::UnavailableError(
@@ -155,31 +213,52 @@ absl::Status InferenceReactor::ReservePush(
         "session '", session_id, "' is running another step; send this one ",
         "through the client"));
   }
+  if (step->trail().empty() || step->has_hidden_states()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "a pushed step carries its input as the last trail entry and no "
+        "hidden_states; got ", step->trail_size(), " trail entries and ",
+        step->has_hidden_states() ? "" : "no ", "hidden_states"));
+  }
   {
     absl::MutexLock session_lock(&session->mu);
     if (session->closed) {
       return absl::NotFoundError(absl::StrCat(
           "session '", session_id, "' was closed: ", session->closed_reason));
     }
-    if (session->position != static_cast<int64_t>(step.position())) {
+    if (session->position != static_cast<int64_t>(step->position())) {
       return absl::AbortedError(absl::StrCat(
-          "pushed step is for position ", step.position(), ", but session '",
+          "pushed step is for position ", step->position(), ", but session '",
           session_id, "' holds ", session->position, " tokens"));
     }
   }
-  pushed_step_ = step;
+  // Swapped, not copied, and swapped back when the step is invalid.
+  pushed_step_.Swap(step);
   absl::StatusOr<at::Tensor> hidden = CheckStep(pushed_step_, session.get());
-  if (!hidden.ok()) return hidden.status();
-  pushed_hidden_ = *std::move(hidden);
+  if (!hidden.ok()) {
+    pushed_step_.Swap(step);
+    return hidden.status();
+  }
   running_ = StepSource::kPush;
-  return absl::OkStatus();
+  return hidden;
 }
 
-void InferenceReactor::RunPushed(std::shared_ptr<Session> session) {
-  POLLEN_LOG_DEBUG("session {}: pushed step at position {}",
-                   session->request.session_id, pushed_step_.position());
-  SubmitStep(pushed_step_, StepSource::kPush, std::move(session),
-             std::move(pushed_hidden_));
+bool InferenceReactor::ReserveReturnedPush(const v1::PushedStep& pushed) {
+  const v1::InferenceStep& step = pushed.step();
+  if (finished_ || finish_status_.has_value() ||
+      running_ != StepSource::kNone || session_ == nullptr ||
+      step.trail().empty() ||
+      step.trail(step.trail_size() - 1).hidden_states().shape_size() < 2) {
+    return false;
+  }
+  const int64_t end =
+      step.position() +
+      step.trail(step.trail_size() - 1).hidden_states().shape(1);
+  {
+    absl::MutexLock session_lock(&session_->mu);
+    if (session_->closed || session_->position != end) return false;
+  }
+  running_ = StepSource::kPush;
+  return true;
 }
 
 absl::StatusOr<at::Tensor> InferenceReactor::CheckStep(
@@ -194,15 +273,24 @@ absl::StatusOr<at::Tensor> InferenceReactor::CheckStep(
         "session '", step.session_id(), "' is not open on this stream (it carries '",
         request.session_id, "')"));
   }
+  if (step.push_to_size() + step.trail_size() > kMaxRouteHops) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "push_to and trail name ", step.push_to_size() + step.trail_size(),
+        " hops; a route has at most ", kMaxRouteHops));
+  }
   for (const v1::PushTarget& target : step.push_to()) {
     POLLEN_RETURN_IF_ERROR(ValidatePushTarget(target, kMaxSessionIdLength));
   }
 
   // The tensor shares the bytes of the step, which stays unchanged until
-  // the step ends.
+  // the step ends. A pushed step's input is the previous node's output.
+  const bool pushed = !step.trail().empty();
   POLLEN_ASSIGN_OR_RETURN(
       at::Tensor hidden,
-      TensorViewFromProto(step.hidden_states(), "hidden_states"));
+      TensorViewFromProto(
+          pushed ? step.trail(step.trail_size() - 1).hidden_states()
+                 : step.hidden_states(),
+          pushed ? "trail[-1].hidden_states" : "hidden_states"));
   const int64_t hidden_size = context_->config.hidden_size;
   if (hidden.dim() != 3 || hidden.size(0) != request.batch_size ||
       hidden.size(1) < 1 || hidden.size(2) != hidden_size) {
@@ -214,10 +302,10 @@ absl::StatusOr<at::Tensor> InferenceReactor::CheckStep(
   return hidden;
 }
 
-void InferenceReactor::SubmitStep(const v1::InferenceStep& step,
-                                  StepSource source,
-                                  std::shared_ptr<Session> session,
-                                  at::Tensor hidden) {
+StepTask InferenceReactor::MakeTask(const v1::InferenceStep& step,
+                                    StepSource source,
+                                    std::shared_ptr<Session> session,
+                                    at::Tensor hidden) {
   // The session manager checks the position against the session when the
   // step runs. Queued training work does not start meanwhile.
   StepTask task;
@@ -229,7 +317,7 @@ void InferenceReactor::SubmitStep(const v1::InferenceStep& step,
   task.done = [this, source, &step](absl::StatusOr<at::Tensor> output) {
     StepDone(source, step, std::move(output));
   };
-  context_->sessions->SubmitStep(std::move(task));
+  return task;
 }
 
 void InferenceReactor::StepDone(StepSource source,
@@ -246,42 +334,55 @@ void InferenceReactor::StepDone(StepSource source,
   POLLEN_LOG_DEBUG("session {}: {} tokens at position {}{}", step.session_id(),
                    reply.hidden.size(1), step.position(),
                    source == StepSource::kPush ? " (pushed)" : "");
+  // A pushed step's input is no longer needed, and its trail travels on.
+  if (source == StepSource::kPush) reply.trail.Swap(pushed_step_.mutable_trail());
   if (step.push_to().empty()) {
     EndStep(absl::OkStatus(), std::move(reply));
     return;
   }
 
-  // Send the output on to the next hop, with the hops after it. The reply
-  // to the client waits for the push's result, so that it can say whether
-  // the client must send the output itself.
-  auto push = std::make_unique<v1::PushRequest>();
-  v1::InferenceStep* next = push->mutable_step();
+  // Send the output on to the next hop, with the hops after it, as the
+  // last entry of the trail.
+  auto pushed = std::make_unique<v1::PushedStep>();
+  pushed->set_from_session_id(session_->request.session_id);
+  v1::InferenceStep* next = pushed->mutable_step();
   next->set_session_id(step.push_to(0).session_id());
   next->set_position(step.position());
   for (int i = 1; i < step.push_to_size(); ++i) {
     *next->add_push_to() = step.push_to(i);
   }
+  next->mutable_trail()->Swap(&reply.trail);
+  v1::HopOutput* own = next->add_trail();
+  own->set_draining(Draining());
   const absl::Status encoded =
       CatchTorchErrors("encoding the output to push", [&] {
-        return TensorToProto(reply.hidden, next->mutable_hidden_states(),
+        return TensorToProto(reply.hidden, own->mutable_hidden_states(),
                              compression_);
       });
   if (!encoded.ok()) {
     EndStep(encoded, Reply{});
     return;
   }
+
+  // The step ends first, so that a push that fails at once finds the
+  // session idle and replies to the client. A stream step's next read starts
+  // after the push: posting it makes gRPC send the client a flow-control
+  // update, which should not delay the push. Without a reserved read the
+  // stream may finish and `this` be deleted once the step has ended.
+  ServiceContext* context = context_;
   const std::string address = step.push_to(0).address();
-  const std::string from_session = step.session_id();
-  context_->pusher.Push(
-      address, std::move(push),
-      [this, from_session, reply = std::move(reply)](absl::Status pushed) mutable {
-        if (!pushed.ok()) {
-          POLLEN_LOG_WARN("session {}: {}; the client sends the output itself",
-                          from_session, pushed.ToString());
-        }
-        reply.pushed = pushed.ok();
-        EndStep(absl::OkStatus(), std::move(reply));
-      });
+  if (!EndStepUnanswered(source)) {
+    FinishIfIdle();
+    context->pusher.Push(address, std::move(pushed));
+    return;
+  }
+  context->pusher.Push(address, std::move(pushed));
+  StartRead(&request_);
+  {
+    absl::MutexLock lock(&mu_);
+    read_reserved_ = false;
+  }
+  FinishIfIdle();
 }
 
 void InferenceReactor::EndStep(const absl::Status& status, Reply reply) {
@@ -294,6 +395,18 @@ void InferenceReactor::EndStep(const absl::Status& status, Reply reply) {
     return;
   }
   QueueReply(std::move(reply));
+}
+
+bool InferenceReactor::EndStepUnanswered(StepSource source) {
+  absl::MutexLock lock(&mu_);
+  running_ = StepSource::kNone;
+  // A stream step used request_, and the next one may come now.
+  if (source == StepSource::kStream && !reading_ && !writing_ &&
+      !finished_ && !finish_status_.has_value()) {
+    reading_ = true;
+    read_reserved_ = true;
+  }
+  return read_reserved_;
 }
 
 void InferenceReactor::QueueReply(Reply reply) {
@@ -311,16 +424,18 @@ void InferenceReactor::QueueReply(Reply reply) {
   }
   // A stream that is ending drops the reply, because no client reads it.
   if (write) {
-    WriteReply(reply);
+    WriteReply(std::move(reply));
   } else {
     FinishIfIdle();
   }
 }
 
-void InferenceReactor::WriteReply(const Reply& reply) {
+void InferenceReactor::WriteReply(Reply reply) {
   response_.Clear();
   absl::Status status;
-  if (reply.hidden.defined()) {
+  if (reply.encoded.has_value()) {
+    response_.mutable_hidden_states()->Swap(&*reply.encoded);
+  } else if (reply.hidden.defined()) {
     // The output goes straight into the reused response message.
     status = CatchTorchErrors("encoding the step's output", [&] {
       return TensorToProto(reply.hidden, response_.mutable_hidden_states(),
@@ -336,12 +451,14 @@ void InferenceReactor::WriteReply(const Reply& reply) {
     return;
   }
   response_.set_position(reply.position);
-  response_.set_pushed(reply.pushed);
+  response_.mutable_trail()->Swap(&reply.trail);
   // Tell the client to move the session when the node is leaving its span.
-  if (context_->draining.load() || (session_ && session_->draining.load())) {
-    response_.set_draining(true);
-  }
+  response_.set_draining(Draining());
   StartWrite(&response_);
+}
+
+bool InferenceReactor::Draining() const {
+  return context_->draining.load() || (session_ && session_->draining.load());
 }
 
 void InferenceReactor::OnWriteDone(bool ok) {
@@ -367,7 +484,7 @@ void InferenceReactor::OnWriteDone(bool ok) {
     }
   }
   if (next.has_value()) {
-    WriteReply(*next);
+    WriteReply(*std::move(next));
   } else if (read) {
     StartRead(&request_);
   } else {
@@ -397,7 +514,7 @@ bool InferenceReactor::FinishIfIdle() {
   {
     absl::MutexLock lock(&mu_);
     if (finished_ || !finish_status_.has_value() ||
-        running_ != StepSource::kNone || writing_) {
+        running_ != StepSource::kNone || writing_ || read_reserved_) {
       return false;
     }
     finished_ = true;

@@ -6,6 +6,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
 
@@ -13,7 +14,9 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "google/protobuf/repeated_ptr_field.h"
 #include "node/block_service.h"
+#include "node/step_batcher.h"
 #include "pollen/v1/pollen.grpc.pb.h"
 
 namespace pollen::node {
@@ -23,23 +26,31 @@ class InferenceReactor;
 
 // Limits on a single request, checked before any work is done.
 inline constexpr int kMaxSessionIdLength = 128;
+// Most hops a step's push_to and trail may name together.
+inline constexpr int kMaxRouteHops = 256;
 
 // Hands steps pushed by another node to the reactor of their session, for
 // as long as that reactor lives. Shared by the reactor and its Session, so
-// that a Push call that finds the session never reaches a deleted reactor.
+// that a push that finds the session never reaches a deleted reactor.
 // Thread-safe.
 class StepMailbox {
  public:
   explicit StepMailbox(InferenceReactor* reactor) : reactor_(reactor) {}
 
-  // Runs `step` in the session as if it had come on the stream: takes a
-  // copy, calls `accepted` (which may free `step`), then queues the step,
-  // which may run on this thread. Returns the reason it was rejected, before
-  // `accepted`: UNAVAILABLE after the stream ended, otherwise as
+  // Takes the pushed `step` into the session, as if it had come on the
+  // stream, and appends the task that runs it to `tasks`. The step's
+  // fields move into the reactor. Returns the reason it was rejected, with
+  // `step` untouched: UNAVAILABLE after the stream ended, otherwise as
   // InferenceReactor::ReservePush.
   absl::Status Deliver(const std::shared_ptr<Session>& session,
-                       const v1::InferenceStep& step,
-                       const std::function<void()>& accepted);
+                       v1::InferenceStep* step, std::vector<StepTask>* tasks);
+
+  // Replies to the client with the output of a step that this session
+  // could not push: `pushed` came back, and its trail ends with this node's
+  // output. Dropped, with a log, when the session has moved past that
+  // step or its stream ended.
+  void ReturnPush(std::unique_ptr<v1::PushedStep> pushed,
+                  const absl::Status& reason);
 
   // Called by the reactor before it deletes itself.
   void Detach();
@@ -49,15 +60,19 @@ class StepMailbox {
   InferenceReactor* reactor_ ABSL_GUARDED_BY(mu_);
 };
 
-// Reads requests one at a time and writes exactly one response per step,
-// whether the step came on the stream or from a Push. Steps run through
-// the session manager's StepBatcher, which calls back from whichever thread
-// ran the step; gRPC runs the other callbacks on its own threads.
+// Reads requests one at a time and replies to each step once, whether it
+// came on the stream or from a push. Steps run through the session
+// manager's StepBatcher, which calls back from whichever thread ran the
+// step. gRPC runs the other callbacks on its own threads.
+//
+// A step that names push targets is answered by the route's last node, so
+// here it ends without a reply once its output is on its way; it gets one
+// only when the push fails (StepMailbox::ReturnPush).
 //
 // A read is outstanding whenever no stream step is running, so a pushed
 // step runs while the stream waits for the client, and its reply may be
 // written while that read is pending. A stream step shares the bytes of
-// the request message, so the next read starts only after its reply. The
+// the request message, so the next read starts only after it ends. The
 // stream finishes only when no step runs and no write is pending; the
 // reactor deletes itself in OnDone, after which the session is closed and
 // its cache freed.
@@ -80,35 +95,44 @@ class InferenceReactor final
 
   // A reply waiting for its write: the step's output or the open's reply.
   struct Reply {
-    at::Tensor hidden;  // undefined for the reply to open
+    // The output, encoded when written. Undefined for the reply to open,
+    // and when `encoded` contains the output already.
+    at::Tensor hidden;
+    std::optional<v1::Tensor> encoded;
+    // The outputs of the route's earlier nodes, for a pushed step.
+    google::protobuf::RepeatedPtrField<v1::HopOutput> trail;
     uint32_t position = 0;
-    bool pushed = false;
   };
 
   // Fills response_ on success.
   absl::Status HandleOpen(const v1::InferenceOpen& open);
 
-  // Takes a pushed step for this session when no step runs: copies it,
-  // marks a pushed step as running and checks it like a stream step, and
-  // that its position is the session's. FAILED_PRECONDITION while another
-  // step runs, ABORTED for another position, UNAVAILABLE once finishing.
-  absl::Status ReservePush(const std::shared_ptr<Session>& session,
-                           const v1::InferenceStep& step);
+  // Takes a pushed step for this session when no step runs: moves it into
+  // pushed_step_, marks a pushed step as running and checks it like a
+  // stream step, and that its position is the session's. Returns its input
+  // hidden states. FAILED_PRECONDITION while another step runs, ABORTED for
+  // another position, UNAVAILABLE once finishing, INVALID_ARGUMENT for a
+  // bad step; `step` is untouched then.
+  absl::StatusOr<at::Tensor> ReservePush(const std::shared_ptr<Session>& session,
+                           v1::InferenceStep* step)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
-  // Queues the step that ReservePush took.
-  void RunPushed(std::shared_ptr<Session> session);
+  // Marks the returned `pushed` step as running, when this session is idle
+  // and contains exactly the tokens up to the end of that step.
+  bool ReserveReturnedPush(const v1::PushedStep& pushed)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // Checks `step` for `session` (null before the open) and returns its
-  // hidden states, which share the step's bytes.
+  // input hidden states, which share the step's bytes.
   absl::StatusOr<at::Tensor> CheckStep(const v1::InferenceStep& step,
                                        const Session* session) const;
 
-  // Queues a checked step; StepDone runs later, on whichever thread runs
-  // it. `step` must stay unchanged until then.
-  void SubmitStep(const v1::InferenceStep& step, StepSource source,
-                  std::shared_ptr<Session> session, at::Tensor hidden);
+  // Builds the task that runs a checked step. StepDone runs later, on
+  // whichever thread runs it, and `step` must stay unchanged until then.
+  StepTask MakeTask(const v1::InferenceStep& step, StepSource source,
+                    std::shared_ptr<Session> session, at::Tensor hidden);
 
-  // Pushes the output when the step names push targets, then replies.
+  // Pushes the output when the step names push targets, or replies.
   void StepDone(StepSource source, const v1::InferenceStep& step,
                 absl::StatusOr<at::Tensor> output);
 
@@ -116,11 +140,19 @@ class InferenceReactor final
   // `status`.
   void EndStep(const absl::Status& status, Reply reply);
 
+  // Ends the running step with no reply: its output went to the next node.
+  // Returns true when the caller must start the next read, which holds off
+  // the finish until read_reserved_ is cleared.
+  bool EndStepUnanswered(StepSource source);
+
   // Writes `reply` now, or after the write in progress.
   void QueueReply(Reply reply);
 
-  // Encodes `reply` into response_ and writes it.
-  void WriteReply(const Reply& reply);
+  // Moves `reply` into response_ and writes it.
+  void WriteReply(Reply reply);
+
+  // Returns whether the client should move this session elsewhere.
+  bool Draining() const;
 
   // Finishes the stream with `status` once no step runs and no write is
   // pending. Only the first status counts.
@@ -138,12 +170,10 @@ class InferenceReactor final
   v1::InferenceRequest request_;
   // Written only by the thread that holds the write (writing_).
   v1::InferenceResponse response_;
-  // The running pushed step and its hidden states; owned by that step
-  // while it runs.
+  // The running pushed step, owned by that step while it runs.
   v1::InferenceStep pushed_step_;
-  at::Tensor pushed_hidden_;
   // Set by the open and used by the stream's own callbacks; a pushed step
-  // gets the session from the Push call instead.
+  // gets the session from the push instead.
   std::shared_ptr<Session> session_;
 
   // Encoding of the hidden states in every reply and push, from the open
@@ -154,6 +184,8 @@ class InferenceReactor final
   StepSource running_ ABSL_GUARDED_BY(mu_) = StepSource::kNone;
   bool reading_ ABSL_GUARDED_BY(mu_) = false;
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  // Set between EndStepUnanswered and the read it reserved.
+  bool read_reserved_ ABSL_GUARDED_BY(mu_) = false;
   // A reply that waits for the write in progress.
   std::optional<Reply> queued_reply_ ABSL_GUARDED_BY(mu_);
   // The status to finish with, once nothing is in flight.

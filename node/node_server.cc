@@ -453,6 +453,7 @@ absl::Status RunNode(const NodeOptions& options) {
   }
   DrainSessions(options, stop_signals, sessions);
   prober.Stop();
+  context.pusher.Shutdown();
   server->Shutdown(std::chrono::system_clock::now() +
                    absl::ToChronoMilliseconds(kShutdownGrace));
   server->Wait();

@@ -99,6 +99,9 @@ class SessionManager {
   // INTERNAL or RESOURCE_EXHAUSTED when libtorch fails. The session's
   // position advances when the step succeeds.
   void SubmitStep(StepTask task) { batcher_.Submit(std::move(task)); }
+  void SubmitSteps(std::vector<StepTask> tasks) {
+    batcher_.Submit(std::move(tasks));
+  }
 
   // Says that the client of `session` will send no more steps, so that
   // passes stop waiting for them. Close does this too.

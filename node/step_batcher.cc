@@ -11,6 +11,7 @@
 #include "common/status_util.h"
 #include "node/block_span.h"
 #include "node/session_manager.h"
+#include "node/step_pusher.h"
 
 namespace pollen::node {
 
@@ -105,15 +106,24 @@ StepBatcher::~StepBatcher() {
 }
 
 void StepBatcher::Submit(StepTask task) {
-  auto pending = std::make_unique<Pending>();
-  pending->batch = task.hidden.size(0);
-  pending->new_tokens = task.hidden.size(1);
-  pending->task = std::move(task);
+  std::vector<StepTask> tasks;
+  tasks.push_back(std::move(task));
+  Submit(std::move(tasks));
+}
+
+void StepBatcher::Submit(std::vector<StepTask> tasks) {
   {
     absl::MutexLock lock(&mu_);
-    NoteArrival(pending->task.session, absl::Now());
-    queued_.push_back(std::move(pending));
-    if (running_) return;
+    const absl::Time now = absl::Now();
+    for (StepTask& task : tasks) {
+      auto pending = std::make_unique<Pending>();
+      pending->batch = task.hidden.size(0);
+      pending->new_tokens = task.hidden.size(1);
+      pending->task = std::move(task);
+      NoteArrival(pending->task.session, now);
+      queued_.push_back(std::move(pending));
+    }
+    if (running_ || queued_.empty()) return;
     running_ = true;
   }
   RunUntilIdle();
@@ -365,6 +375,8 @@ void StepBatcher::RunPass(std::vector<std::unique_ptr<Pending>>& active) {
     finished.push_back(std::move(*it));
     it = active.erase(it);
   }
+  // Outputs that go on to the next node leave together, after the loop.
+  StepPusher::Batch push_batch;
   for (const auto& pending : finished) {
     StepTask& task = pending->task;
     if (pending->error.ok()) {

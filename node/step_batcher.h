@@ -91,6 +91,8 @@ class StepBatcher {
   // Queues `task`, and runs it and any other queued steps on this thread
   // when no other thread is running passes.
   void Submit(StepTask task);
+  // Queues every task before running any, so that they can share a pass.
+  void Submit(std::vector<StepTask> tasks);
 
   // Stops waiting for steps of `session`, whose stream ended or which was
   // closed. Unknown sessions are ignored.

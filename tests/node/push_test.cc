@@ -1,7 +1,8 @@
 // Server-to-server push between two real `pollen node` processes on
 // loopback, driven with raw gRPC streams: a pushed step gives the same
-// hidden states as a relayed one, a push that cannot be delivered falls
-// back to the client, and bad pushes get clear statuses.
+// hidden states as a relayed one and comes back with the first node's
+// output in its trail, a push that cannot be delivered falls back to the
+// client, and bad pushes get clear statuses.
 #include <ATen/ATen.h>
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
@@ -104,21 +105,35 @@ class PushTest : public ::testing::Test {
     return session.stream->Finish();
   }
 
-  // Sends a Push call for `session_id` at `position` to the second node.
-  static grpc::Status Push(const std::string& session_id, int position,
-                           const at::Tensor& hidden) {
-    auto stub = v1::BlockService::NewStub(grpc::CreateChannel(
-        second_address_, grpc::InsecureChannelCredentials()));
-    grpc::ClientContext context;
-    context.set_deadline(std::chrono::system_clock::now() +
-                         std::chrono::seconds(30));
-    v1::PushRequest request;
-    request.mutable_step()->set_session_id(session_id);
-    request.mutable_step()->set_position(position);
-    EXPECT_TRUE(TensorToProto(hidden, request.mutable_step()->mutable_hidden_states())
+  // A pushed step for `session_id` at `position` whose input is `hidden`.
+  static v1::PushedStep Pushed(const std::string& session_id, int position,
+                               const at::Tensor& hidden) {
+    v1::PushedStep pushed;
+    pushed.set_from_session_id("test-sender");
+    pushed.mutable_step()->set_session_id(session_id);
+    pushed.mutable_step()->set_position(position);
+    EXPECT_TRUE(TensorToProto(hidden, pushed.mutable_step()
+                                          ->add_trail()
+                                          ->mutable_hidden_states())
                     .ok());
-    v1::PushResponse response;
-    return stub->Push(&context, request, &response);
+    return pushed;
+  }
+
+  // Opens a PushSteps stream to the second node, as a pushing node would.
+  struct PushStream {
+    std::unique_ptr<v1::BlockService::Stub> stub;
+    grpc::ClientContext context;
+    std::unique_ptr<grpc::ClientReaderWriter<v1::PushRequest, v1::PushRejection>>
+        stream;
+  };
+  static std::unique_ptr<PushStream> OpenPushStream() {
+    auto push = std::make_unique<PushStream>();
+    push->stub = v1::BlockService::NewStub(grpc::CreateChannel(
+        second_address_, grpc::InsecureChannelCredentials()));
+    push->context.set_deadline(std::chrono::system_clock::now() +
+                               std::chrono::seconds(60));
+    push->stream = push->stub->PushSteps(&push->context);
+    return push;
   }
 
   static LocalSwarm* swarm_;
@@ -146,7 +161,8 @@ TEST_F(PushTest, PushedStepsMatchRelayedSteps) {
       *relay_second,
       Step(Exchange(*relay_first, Step(next, 4), &response), 4), &response);
 
-  // Push: the client writes only to the first node, and reads both.
+  // Push: the client writes only to the first node, and the second node
+  // answers with the first node's output in the trail.
   auto first = Open(first_address_, "push-a", 0, 2);
   auto second = Open(second_address_, "push-b", 2, 5);
   for (const auto& [input, position, expected] :
@@ -154,14 +170,18 @@ TEST_F(PushTest, PushedStepsMatchRelayedSteps) {
         std::make_tuple(next, 4, expected_next)}) {
     v1::InferenceRequest request = Step(input, position);
     AddTarget(&request, second_address_, "push-b");
-    Exchange(*first, request, &response);
-    EXPECT_TRUE(response.pushed());
+    ASSERT_TRUE(first->stream->Write(request));
 
     ASSERT_TRUE(second->stream->Read(&response));
     auto output = TensorFromProto(response.hidden_states(), "pushed reply");
     ASSERT_TRUE(output.ok()) << output.status();
     EXPECT_EQ(response.position(), position + input.size(1));
     EXPECT_TRUE(at::equal(*output, expected));
+    ASSERT_EQ(response.trail_size(), 1);
+    auto first_output =
+        TensorFromProto(response.trail(0).hidden_states(), "trail");
+    ASSERT_TRUE(first_output.ok()) << first_output.status();
+    EXPECT_EQ(first_output->sizes(), input.sizes());
   }
 
   for (Session* session :
@@ -177,22 +197,24 @@ TEST_F(PushTest, UndeliverablePushFallsBack) {
   auto second = Open(second_address_, "fallback-b", 2, 5);
   v1::InferenceResponse response;
 
-  // An unknown session on the next node, then a port where nobody listens.
+  // An unknown session on the next node: it sends the step back, and the
+  // first node answers the client with its output.
   v1::InferenceRequest request = Step(prompt, 0);
   AddTarget(&request, second_address_, "no-such-session");
   at::Tensor output = Exchange(*first, request, &response);
-  EXPECT_FALSE(response.pushed());
   EXPECT_EQ(response.position(), 3u);
+  EXPECT_EQ(response.trail_size(), 0);
+  EXPECT_EQ(output.sizes(), prompt.sizes());
 
   // The client relays, and the second node runs the step as usual.
   at::Tensor relayed = Exchange(*second, Step(output, 0), &response);
   EXPECT_EQ(response.position(), 3u);
   EXPECT_EQ(relayed.sizes(), prompt.sizes());
 
+  // A port where nobody listens.
   request = Step(at::randn({1, 1, kHidden}), 3);
   AddTarget(&request, "127.0.0.1:1", "fallback-b");
   Exchange(*first, request, &response);
-  EXPECT_FALSE(response.pushed());
   EXPECT_EQ(response.position(), 4u);
 
   EXPECT_TRUE(Close(*first).ok());
@@ -201,31 +223,95 @@ TEST_F(PushTest, UndeliverablePushFallsBack) {
 
 TEST_F(PushTest, BadPushesGetClearStatuses) {
   auto second = Open(second_address_, "target", 2, 5);
+  auto push = OpenPushStream();
 
-  grpc::Status status = Push("missing", 0, at::randn({1, 1, kHidden}));
-  EXPECT_EQ(status.error_code(), grpc::StatusCode::NOT_FOUND);
-  EXPECT_NE(status.error_message().find("missing"), std::string::npos);
+  // Every bad step in one message comes back on its own, with its reason.
+  v1::PushRequest request;
+  *request.add_steps() = Pushed("missing", 0, at::randn({1, 1, kHidden}));
+  *request.add_steps() = Pushed("target", 5, at::randn({1, 1, kHidden}));
+  *request.add_steps() = Pushed("", 0, at::randn({1, 1, kHidden}));
+  *request.add_steps() = Pushed("target", 0, at::randn({1, 1, kHidden + 1}));
+  v1::PushedStep no_trail = Pushed("target", 0, at::randn({1, 1, kHidden}));
+  no_trail.mutable_step()->mutable_hidden_states()->Swap(
+      no_trail.mutable_step()->mutable_trail(0)->mutable_hidden_states());
+  no_trail.mutable_step()->clear_trail();
+  *request.add_steps() = no_trail;
+  ASSERT_TRUE(push->stream->Write(request));
 
-  status = Push("target", 5, at::randn({1, 1, kHidden}));
-  EXPECT_EQ(status.error_code(), grpc::StatusCode::ABORTED);
-  EXPECT_NE(status.error_message().find("position 5"), std::string::npos);
+  struct Expected {
+    grpc::StatusCode code;
+    std::string session;
+    std::string text;
+  };
+  for (const Expected& expected :
+       {Expected{grpc::StatusCode::NOT_FOUND, "missing", "missing"},
+        Expected{grpc::StatusCode::ABORTED, "target", "position 5"},
+        Expected{grpc::StatusCode::INVALID_ARGUMENT, "", "session_id"},
+        Expected{grpc::StatusCode::INVALID_ARGUMENT, "target", "65"},
+        Expected{grpc::StatusCode::INVALID_ARGUMENT, "target", "trail"}}) {
+    v1::PushRejection rejection;
+    ASSERT_TRUE(push->stream->Read(&rejection)) << expected.text;
+    EXPECT_EQ(rejection.code(), static_cast<int>(expected.code))
+        << rejection.message();
+    EXPECT_NE(rejection.message().find(expected.text), std::string::npos)
+        << rejection.message();
+    EXPECT_EQ(rejection.pushed().step().session_id(), expected.session);
+    EXPECT_EQ(rejection.pushed().from_session_id(), "test-sender");
+  }
 
-  status = Push("", 0, at::randn({1, 1, kHidden}));
-  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
-
-  // A wrong shape is rejected before anything runs.
-  status = Push("target", 0, at::randn({1, 1, kHidden + 1}));
-  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
-  EXPECT_NE(status.error_message().find("65"), std::string::npos);
-
-  // The session still works, from the client and from a push.
+  // The session still works, from the client and from a push, whose reply
+  // carries the pushed input as its trail.
   v1::InferenceResponse response;
   Exchange(*second, Step(at::randn({1, 2, kHidden}), 0), &response);
   EXPECT_EQ(response.position(), 2u);
-  ASSERT_TRUE(Push("target", 2, at::randn({1, 1, kHidden})).ok());
+  request.Clear();
+  *request.add_steps() = Pushed("target", 2, at::randn({1, 1, kHidden}));
+  ASSERT_TRUE(push->stream->Write(request));
   ASSERT_TRUE(second->stream->Read(&response));
   EXPECT_EQ(response.position(), 3u);
+  EXPECT_EQ(response.trail_size(), 1);
+
+  push->stream->WritesDone();
+  EXPECT_TRUE(push->stream->Finish().ok());
   EXPECT_TRUE(Close(*second).ok());
+}
+
+TEST_F(PushTest, StepsInOneMessageAllRun) {
+  auto one = Open(second_address_, "together-1", 2, 5);
+  auto two = Open(second_address_, "together-2", 2, 5);
+  auto push = OpenPushStream();
+  v1::PushRequest request;
+  *request.add_steps() = Pushed("together-1", 0, at::randn({1, 2, kHidden}));
+  *request.add_steps() = Pushed("together-2", 0, at::randn({1, 3, kHidden}));
+  ASSERT_TRUE(push->stream->Write(request));
+
+  v1::InferenceResponse response;
+  ASSERT_TRUE(one->stream->Read(&response));
+  EXPECT_EQ(response.position(), 2u);
+  ASSERT_TRUE(two->stream->Read(&response));
+  EXPECT_EQ(response.position(), 3u);
+
+  push->stream->WritesDone();
+  EXPECT_TRUE(push->stream->Finish().ok());
+  EXPECT_TRUE(Close(*one).ok());
+  EXPECT_TRUE(Close(*two).ok());
+}
+
+TEST_F(PushTest, ClientStepWithTrailIsRejected) {
+  auto first = Open(first_address_, "client-trail", 0, 2);
+  v1::InferenceRequest request = Step(at::randn({1, 1, kHidden}), 0);
+  ASSERT_TRUE(TensorToProto(at::randn({1, 1, kHidden}),
+                            request.mutable_step()
+                                ->add_trail()
+                                ->mutable_hidden_states())
+                  .ok());
+  v1::InferenceResponse response;
+  ASSERT_TRUE(first->stream->Write(request));
+  EXPECT_FALSE(first->stream->Read(&response));
+  first->stream->WritesDone();
+  const grpc::Status status = first->stream->Finish();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(status.error_message().find("trail"), std::string::npos);
 }
 
 TEST_F(PushTest, BadTargetFailsBeforeStep) {
