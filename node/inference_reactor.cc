@@ -371,12 +371,13 @@ void InferenceReactor::StepDone(StepSource source,
   // stream may finish and `this` be deleted once the step has ended.
   ServiceContext* context = context_;
   const std::string address = step.push_to(0).address();
+  const int next_block = session_->request.to;
   if (!EndStepUnanswered(source)) {
     FinishIfIdle();
-    context->pusher.Push(address, std::move(pushed));
+    context->pusher.Push(address, next_block, std::move(pushed));
     return;
   }
-  context->pusher.Push(address, std::move(pushed));
+  context->pusher.Push(address, next_block, std::move(pushed));
   StartRead(&request_);
   {
     absl::MutexLock lock(&mu_);

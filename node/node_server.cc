@@ -252,6 +252,27 @@ absl::StatusOr<std::unique_ptr<grpc::Server>> StartServer(
   return server;
 }
 
+// Accepts a push target when a node that is not offline announced `block`
+// of `model_id` at that address. A lookup takes at most kTargetLookup.
+PushTargetCheck AnnouncedTargetCheck(DhtRegistry* registry,
+                                     std::string model_id) {
+  constexpr absl::Duration kTargetLookup = absl::Seconds(5);
+  return [registry, model_id = std::move(model_id)](
+             const std::string& address, int block) -> absl::Status {
+    POLLEN_ASSIGN_OR_RETURN(std::vector<v1::NodeRecord> records,
+                            registry->FetchBlock(model_id, block, kTargetLookup));
+    for (const v1::NodeRecord& record : records) {
+      if (record.address() == address &&
+          record.state() != v1::NODE_STATE_OFFLINE) {
+        return absl::OkStatus();
+      }
+    }
+    return absl::PermissionDeniedError(absl::StrCat(
+        "no node at ", address, " announced block ", block, " of model ",
+        model_id, " (", records.size(), " records for that block)"));
+  };
+}
+
 // Announces, refreshes and reaps idle sessions until a stop signal arrives,
 // and returns the signal.
 int ServeUntilSignal(const NodeOptions& options, const sigset_t& stop_signals,
@@ -386,6 +407,7 @@ absl::Status RunNode(const NodeOptions& options) {
     }
     mover->RequestMove(start, end, std::move(done));
   };
+  context.pusher.SetTargetCheck(AnnouncedTargetCheck(registry.get(), model_id));
   BlockServiceImpl service(&context);
   int bound_port = 0;
   POLLEN_ASSIGN_OR_RETURN(std::unique_ptr<grpc::Server> server,

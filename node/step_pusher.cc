@@ -74,21 +74,26 @@ class StepPusher::Stream final
 
   void Start() {
     POLLEN_LOG_DEBUG("opening a push stream to {}", address_);
+    {
+      absl::MutexLock lock(&mu_);
+      started_ = true;
+    }
     stub_->async()->PushSteps(&context_, this);
     AddHold();
     StartRead(&rejection_);
     StartCall();
   }
 
-  // Queues `pushed` and, unless `hold`, starts a write when none is in
-  // flight. Returns the step when the stream already broke.
+  // Queues `pushed` and, unless `hold` or the stream has not started,
+  // starts a write when none is in flight. Returns the step when the stream
+  // already broke.
   std::unique_ptr<v1::PushedStep> Enqueue(
       std::unique_ptr<v1::PushedStep> pushed, bool hold) {
     {
       absl::MutexLock lock(&mu_);
       if (broken_) return pushed;
       queued_.push_back(std::move(pushed));
-      if (hold || writing_) return nullptr;
+      if (hold || !started_ || writing_) return nullptr;
       writing_ = true;
       FillRequest();
     }
@@ -100,7 +105,7 @@ class StepPusher::Stream final
   void Flush() {
     {
       absl::MutexLock lock(&mu_);
-      if (broken_ || writing_ || queued_.empty()) return;
+      if (!started_ || broken_ || writing_ || queued_.empty()) return;
       writing_ = true;
       FillRequest();
     }
@@ -108,6 +113,19 @@ class StepPusher::Stream final
   }
 
   void Cancel() { context_.TryCancel(); }
+
+  // Fails the queued steps of a stream that never started, and every later
+  // one.
+  void FailUnstarted(const absl::Status& status) {
+    StepList failed;
+    {
+      absl::MutexLock lock(&mu_);
+      broken_ = true;
+      hold_released_ = true;
+      TakeQueued(&failed);
+    }
+    for (auto& step : failed) owner_->on_failure_(std::move(step), status);
+  }
 
   void OnWriteDone(bool ok) override {
     StepList failed;
@@ -228,6 +246,7 @@ class StepPusher::Stream final
   // The message being written, unchanged until its write completes.
   v1::PushRequest request_;
   std::deque<std::unique_ptr<v1::PushedStep>> queued_ ABSL_GUARDED_BY(mu_);
+  bool started_ ABSL_GUARDED_BY(mu_) = false;
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   bool broken_ ABSL_GUARDED_BY(mu_) = false;
   bool hold_released_ ABSL_GUARDED_BY(mu_) = false;
@@ -259,10 +278,14 @@ StepPusher::StepPusher(PushFailureHandler on_failure)
 
 StepPusher::~StepPusher() { Shutdown(); }
 
-void StepPusher::Push(const std::string& address,
+void StepPusher::SetTargetCheck(PushTargetCheck check) {
+  check_ = std::move(check);
+}
+
+void StepPusher::Push(const std::string& address, int block,
                       std::unique_ptr<v1::PushedStep> pushed) {
   Stream* stream = nullptr;
-  bool created = false;
+  bool start = false;
   {
     absl::MutexLock lock(&mu_);
     if (!shut_down_) {
@@ -271,7 +294,14 @@ void StepPusher::Push(const std::string& address,
         stream = new Stream(this, address, channels_.Get(address));
         streams_[address] = stream;
         ++live_streams_;
-        created = true;
+        if (check_) {
+          // The checker starts the stream; its steps wait until then.
+          ++stream->pins;
+          unchecked_.emplace_back(stream, block);
+          if (!checker_.joinable()) checker_ = std::thread([this] { RunChecks(); });
+        } else {
+          start = true;
+        }
       } else {
         stream = it->second;
       }
@@ -286,7 +316,7 @@ void StepPusher::Push(const std::string& address,
 
   // Outside the lock: gRPC may run callbacks of the stream on this thread.
   // A batch keeps the pin until it sends.
-  if (created) stream->Start();
+  if (start) stream->Start();
   Batch* batch = current_batch;
   std::unique_ptr<v1::PushedStep> rejected =
       stream->Enqueue(std::move(pushed), /*hold=*/batch != nullptr);
@@ -302,8 +332,49 @@ void StepPusher::Push(const std::string& address,
   }
 }
 
+void StepPusher::RunChecks() {
+  while (true) {
+    std::pair<Stream*, int> next;
+    {
+      absl::MutexLock lock(&mu_);
+      auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        return shut_down_ || !unchecked_.empty();
+      };
+      mu_.Await(absl::Condition(&ready));
+      if (unchecked_.empty()) return;
+      next = unchecked_.front();
+      unchecked_.pop_front();
+    }
+    Stream* stream = next.first;
+    absl::Status status = check_(stream->address(), next.second);
+    {
+      absl::MutexLock lock(&mu_);
+      if (status.ok() && shut_down_) {
+        status = absl::UnavailableError("this node is shutting down");
+      }
+    }
+
+    if (status.ok()) {
+      POLLEN_LOG_INFO("pushing to {}, which serves block {}", stream->address(),
+                      next.second);
+      stream->Start();
+      stream->Flush();
+    } else {
+      status = absl::Status(status.code(),
+                            absl::StrCat("push to ", stream->address(),
+                                         " rejected: ", status.message()));
+      POLLEN_LOG_WARN("{}", status.ToString());
+      Forget(stream);
+      stream->FailUnstarted(status);
+      StreamDone(stream);
+    }
+    Unpin(stream);
+  }
+}
+
 void StepPusher::Shutdown(absl::Duration timeout) {
   std::vector<Stream*> streams;
+  std::deque<std::pair<Stream*, int>> unchecked;
   {
     absl::MutexLock lock(&mu_);
     if (shut_down_) return;
@@ -313,7 +384,18 @@ void StepPusher::Shutdown(absl::Duration timeout) {
       streams.push_back(stream);
     }
     streams_.clear();
+    unchecked.swap(unchecked_);
   }
+
+  // Streams still waiting for their check never start.
+  const absl::Status stopping =
+      absl::UnavailableError("this node is shutting down");
+  for (const auto& [stream, block] : unchecked) {
+    stream->FailUnstarted(stopping);
+    StreamDone(stream);
+    Unpin(stream);
+  }
+  if (checker_.joinable()) checker_.join();
   for (Stream* stream : streams) {
     stream->Cancel();
     Unpin(stream);

@@ -3,10 +3,13 @@
 // states skip the round trip through the client.
 #pragma once
 
+#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
 #include <string>
+#include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -33,6 +36,11 @@ absl::Status ValidatePushTarget(const v1::PushTarget& target,
 using PushFailureHandler =
     std::function<void(std::unique_ptr<v1::PushedStep>, absl::Status)>;
 
+// Returns OK when the node at `address` announced block `block` of this
+// node's model, and the reason otherwise. May block, for a DHT lookup.
+using PushTargetCheck =
+    std::function<absl::Status(const std::string& address, int block)>;
+
 // Keeps one PushSteps stream open to each node it pushes to, and writes
 // the steps of all sessions bound there into it. A step that arrives while
 // the stream writes the previous message waits, and goes out with the
@@ -41,13 +49,15 @@ using PushFailureHandler =
 // message per next node. Thread-safe.
 //
 // A step is sent once and never acknowledged, because the next node replies
-// on its own session's stream. A step that was written but that the next node
-// never ran (it crashed, or the connection broke after the write) is not
-// reported here; the client sees that node's stream fail.
+// on its own session's stream. The pusher never learns of a step that was
+// written but not run, because the next node crashed or the connection
+// broke after the write. The client sees that node's stream fail instead.
 //
-// NOTE: the addresses come from the client and are not checked against
-// the DHT records, so a client can make this node dial any host:port, and
-// the channel to each address stays pooled while the node runs.
+// The addresses come from the client. With a target check set, a stream
+// to a new address opens only after the check passed on the pusher's own
+// thread, and its steps wait meanwhile. So a client cannot make this node
+// send to a host:port that no node of the model announced. Each checked
+// address keeps a pooled channel while the node runs.
 class StepPusher {
   // One PushSteps call; defined in step_pusher.cc.
   class Stream;
@@ -83,9 +93,14 @@ class StepPusher {
   StepPusher(const StepPusher&) = delete;
   StepPusher& operator=(const StepPusher&) = delete;
 
-  // Queues `pushed` for the node at `address` and returns without waiting
-  // for the network.
-  void Push(const std::string& address, std::unique_ptr<v1::PushedStep> pushed);
+  // Makes streams to new addresses wait for `check`. Call before the first
+  // Push.
+  void SetTargetCheck(PushTargetCheck check);
+
+  // Queues `pushed` for the node at `address`, whose session starts at
+  // `block`, and returns without waiting for the network.
+  void Push(const std::string& address, int block,
+            std::unique_ptr<v1::PushedStep> pushed);
 
   // Cancels every stream and waits up to `timeout` for gRPC to end them.
   // Queued steps go to the failure handler, and so does every later push.
@@ -99,10 +114,15 @@ class StepPusher {
   // is done with it and no other call uses it.
   void Unpin(Stream* stream);
 
-  // Called by a stream once gRPC has finished with it.
+  // Called by a stream once gRPC has finished with it, or by the checker
+  // for a stream that never started.
   void StreamDone(Stream* stream);
 
+  // Checks the addresses of new streams, one at a time, until Shutdown.
+  void RunChecks();
+
   const PushFailureHandler on_failure_;
+  PushTargetCheck check_;
   ChannelPool channels_;
 
   absl::Mutex mu_;
@@ -112,6 +132,9 @@ class StepPusher {
   // Streams not yet done, in or out of the map.
   int live_streams_ ABSL_GUARDED_BY(mu_) = 0;
   bool shut_down_ ABSL_GUARDED_BY(mu_) = false;
+  // New streams waiting for the check, pinned, with the block to check.
+  std::deque<std::pair<Stream*, int>> unchecked_ ABSL_GUARDED_BY(mu_);
+  std::thread checker_;
 };
 
 }  // namespace pollen::node

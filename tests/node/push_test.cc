@@ -1,8 +1,9 @@
 // Server-to-server push between two real `pollen node` processes on
 // loopback, driven with raw gRPC streams: a pushed step gives the same
 // hidden states as a relayed one and comes back with the first node's
-// output in its trail, a push that cannot be delivered falls back to the
-// client, and bad pushes get clear statuses.
+// output in its trail. A push that cannot be delivered, or whose target
+// never announced the next block, falls back to the client, and bad pushes
+// get clear statuses.
 #include <ATen/ATen.h>
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
@@ -162,7 +163,7 @@ TEST_F(PushTest, PushedStepsMatchRelayedSteps) {
       Step(Exchange(*relay_first, Step(next, 4), &response), 4), &response);
 
   // Push: the client writes only to the first node, and the second node
-  // answers with the first node's output in the trail.
+  // replies with the first node's output in the trail.
   auto first = Open(first_address_, "push-a", 0, 2);
   auto second = Open(second_address_, "push-b", 2, 5);
   for (const auto& [input, position, expected] :
@@ -198,7 +199,7 @@ TEST_F(PushTest, UndeliverablePushFallsBack) {
   v1::InferenceResponse response;
 
   // An unknown session on the next node: it sends the step back, and the
-  // first node answers the client with its output.
+  // first node replies to the client with its output.
   v1::InferenceRequest request = Step(prompt, 0);
   AddTarget(&request, second_address_, "no-such-session");
   at::Tensor output = Exchange(*first, request, &response);
@@ -211,7 +212,7 @@ TEST_F(PushTest, UndeliverablePushFallsBack) {
   EXPECT_EQ(response.position(), 3u);
   EXPECT_EQ(relayed.sizes(), prompt.sizes());
 
-  // A port where nobody listens.
+  // A port with no server.
   request = Step(at::randn({1, 1, kHidden}), 3);
   AddTarget(&request, "127.0.0.1:1", "fallback-b");
   Exchange(*first, request, &response);
@@ -219,6 +220,28 @@ TEST_F(PushTest, UndeliverablePushFallsBack) {
 
   EXPECT_TRUE(Close(*first).ok());
   EXPECT_TRUE(Close(*second).ok());
+}
+
+TEST_F(PushTest, UnannouncedTargetGetsNoPush) {
+  at::manual_seed(9);
+  const at::Tensor prompt = at::randn({1, 3, kHidden});
+  auto source = Open(first_address_, "unannounced-a", 0, 2);
+  auto target = Open(first_address_, "unannounced-b", 0, 2);
+
+  // The first node serves blocks 0:2 and never announced block 2, so it
+  // does not push there, and replies to the client itself.
+  v1::InferenceRequest request = Step(prompt, 0);
+  AddTarget(&request, first_address_, "unannounced-b");
+  v1::InferenceResponse response;
+  Exchange(*source, request, &response);
+  EXPECT_EQ(response.position(), 3u);
+
+  // The target session still contains no tokens.
+  Exchange(*target, Step(prompt, 0), &response);
+  EXPECT_EQ(response.position(), 3u);
+
+  EXPECT_TRUE(Close(*source).ok());
+  EXPECT_TRUE(Close(*target).ok());
 }
 
 TEST_F(PushTest, BadPushesGetClearStatuses) {
