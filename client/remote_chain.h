@@ -50,8 +50,9 @@ struct ChainOptions {
   // carries the entries of its blocks, also when a failover reopens it.
   std::vector<v1::BlockAdapters> adapters;
   // Server-to-server push: each node sends its output straight to the next
-  // node, and the client only sends the first hop's input. A hop whose push
-  // fails gets its input from the client instead.
+  // node, the client only sends the first hop's input, and the last hop
+  // replies with every node's output. After a push fails, the session
+  // relays.
   bool push = false;
   // Encoding of the hidden states sent to and from every hop. The lossy
   // ones cut the bytes per step to about a half (fp16, bf16) or a quarter
@@ -140,7 +141,7 @@ class InferenceChain {
   std::set<std::string> excluded_nodes_;
   int64_t position_ = 0;
   int failovers_ = 0;
-  // Set after a push failed; the session relays from then on.
+  // Set after a push failed, so that the session relays from then on.
   bool push_stopped_ = false;
   int streams_opened_ = 0;
 };

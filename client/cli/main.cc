@@ -62,7 +62,7 @@ ABSL_FLAG(uint64_t, seed, 0, "Random seed for sampling. A node seeds its span ch
 ABSL_FLAG(int, max_length, 0, "chat: tokens the whole conversation may use; 0 means the model's maximum");
 ABSL_FLAG(int, discovery_wait_s, 30, "Seconds to wait for nodes covering every block");
 ABSL_FLAG(int, step_timeout_s, 60, "Seconds one step through one node may take");
-ABSL_FLAG(bool, push, false, "generate, chat, local-swarm, bench: each node sends its step output straight to the next node instead of back through the client; helps when nodes are closer to each other than to the client");
+ABSL_FLAG(bool, push, false, "generate, chat, local-swarm, bench: each node sends its step output straight to the next node, and only the last node replies to the client; saves a trip through the client per node and keeps concurrent sessions batched along the route");
 ABSL_FLAG(bool, json, false, "Print JSON instead of text");
 ABSL_FLAG(std::string, adapter, "", "generate, chat, local-swarm: adapter folder written by `pollen finetune` to run the model with");
 ABSL_FLAG(std::string, compression, "none", "generate, chat, local-swarm, finetune, bench: encoding of hidden states (and gradients) between client and nodes: none (float32), fp16, bf16 or int8 (blockwise, one scale per 64 values); the lossy ones send fewer bytes and may change the output");

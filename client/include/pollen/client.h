@@ -67,11 +67,11 @@ struct ClientOptions {
   // to the nodes once per session.
   std::string adapter_dir;
   // Server-to-server push: each node sends its output straight to the next
-  // node of the route, and the client sends only the first node's input.
-  // A node whose push fails returns its output, and the client sends it on.
-  // It saves a round trip per node when the nodes are closer to each other
-  // than to the client. On one machine relaying is faster (see
-  // docs/benchmarks.md).
+  // node of the route, the client sends only the first node's input, and
+  // the last node replies. A node whose push fails returns its output, and
+  // the client relays from there for the rest of the session. It saves a
+  // trip through the client per node, and on one machine it carries
+  // concurrent sessions about 50% faster (see docs/benchmarks.md).
   bool push = false;
   // Encoding of the hidden states sent to and from the nodes: "none"
   // (float32), "fp16", "bf16" or "int8" (blockwise, one float32 scale per
