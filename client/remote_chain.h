@@ -100,12 +100,12 @@ class InferenceChain {
   // The id of the next stream this chain opens, unique on every node.
   std::string NextStreamId();
   // Runs `*hidden` through hops [first, end) one at a time, the client
-  // carrying each output to the next node; `*hidden` becomes each hop's
+  // carrying each output to the next node, so `*hidden` becomes each hop's
   // output in turn. On failure it is the input of the hop that failed,
   // whose index goes to `failed`.
   absl::Status RunHops(size_t first, at::Tensor* hidden, size_t* failed);
   // Sends `*hidden` to the first hop with every later hop as push targets,
-  // and waits for the last hop's answer while it watches the others for a
+  // and waits for the last hop's reply while it watches the others for a
   // node that could not push. Keeps the input of every hop that ran the
   // step. Returns hops_.size() when the step went through, with `*hidden`
   // the last output; or, when hop i could not push, i + 1 with `*hidden`
