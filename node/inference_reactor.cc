@@ -107,8 +107,8 @@ void StepMailbox::ReturnPush(std::unique_ptr<v1::PushedStep> pushed,
   reply.trail.Swap(step->mutable_trail());
   reply.position = static_cast<uint32_t>(step->position() +
                                          reply.encoded->shape(1));
-  POLLEN_LOG_INFO("session {}: answering position {} to the client, since "
-                  "the push failed: {}",
+  POLLEN_LOG_INFO("session {}: replying to the client for position {}, "
+                  "since the push failed: {}",
                   pushed->from_session_id(), step->position(),
                   reason.ToString());
   reactor->EndStep(absl::OkStatus(), std::move(reply));

@@ -107,7 +107,7 @@ void PushReceiver::OnWriteDone(bool ok) {
 void PushReceiver::FinishIfIdle() {
   {
     absl::MutexLock lock(&mu_);
-    if (finished_ || !read_ended_ || writing_ || delivering_ > 0) return;
+    if (finished_ || !read_ended_ || writing_) return;
     finished_ = true;
   }
   POLLEN_LOG_DEBUG("push stream from {} ended", peer_);

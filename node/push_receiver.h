@@ -19,10 +19,12 @@ namespace pollen::node {
 // pushing node in a PushRejection with the reason. Steps that arrive in
 // one message are queued together, so they can share a forward pass.
 //
-// The first read of each message runs the passes on this reactor's gRPC
-// thread when no pass is running, as a stream step does. The stream
-// finishes after the pushing node ends it and every write is done; the
-// reactor deletes itself in OnDone.
+// The read callback runs the passes on its gRPC thread when no pass is
+// running, as a stream step does, and reads the next message afterwards.
+// Posting that read makes gRPC return flow-control credit to the pushing
+// node, which then goes out after this node's own push. The stream
+// finishes after the pushing node ends it and every write is done, and
+// the reactor deletes itself in OnDone.
 class PushReceiver final
     : public grpc::ServerBidiReactor<v1::PushRequest, v1::PushRejection> {
  public:
@@ -53,8 +55,6 @@ class PushReceiver final
   v1::PushRejection writing_message_;
   std::deque<v1::PushRejection> rejections_ ABSL_GUARDED_BY(mu_);
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
-  // Messages being delivered after the next read started.
-  int delivering_ ABSL_GUARDED_BY(mu_) = 0;
   bool read_ended_ ABSL_GUARDED_BY(mu_) = false;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
 };
