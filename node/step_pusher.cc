@@ -72,16 +72,19 @@ class StepPusher::Stream final
   int pins ABSL_GUARDED_BY(owner_->mu_) = 0;
   bool done ABSL_GUARDED_BY(owner_->mu_) = false;
 
+  // Binds the call and starts it, then writes what was queued meanwhile.
+  // Until then Enqueue only queues, since writes need the bound call.
   void Start() {
     POLLEN_LOG_DEBUG("opening a push stream to {}", address_);
-    {
-      absl::MutexLock lock(&mu_);
-      started_ = true;
-    }
     stub_->async()->PushSteps(&context_, this);
     AddHold();
     StartRead(&rejection_);
     StartCall();
+    {
+      absl::MutexLock lock(&mu_);
+      started_ = true;
+    }
+    Flush();
   }
 
   // Queues `pushed` and, unless `hold` or the stream has not started,
@@ -358,7 +361,6 @@ void StepPusher::RunChecks() {
       POLLEN_LOG_INFO("pushing to {}, which serves block {}", stream->address(),
                       next.second);
       stream->Start();
-      stream->Flush();
     } else {
       status = absl::Status(status.code(),
                             absl::StrCat("push to ", stream->address(),
