@@ -6,6 +6,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <thread>
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -37,6 +38,10 @@ namespace {
 
 // How long streams that hold no session may go on after the drain.
 constexpr absl::Duration kShutdownGrace = absl::Seconds(1);
+// Longest wait for the DHT to store the offline record at shutdown. Peers
+// on loopback store it in milliseconds, and the record is advice: clients
+// that miss it find the node gone and fail over.
+constexpr absl::Duration kWithdrawTimeout = absl::Seconds(2);
 
 absl::StatusOr<at::Device> ParseDevice(const std::string& name) {
   try {
@@ -468,12 +473,18 @@ absl::Status RunNode(const NodeOptions& options) {
   context.draining = true;
   mover.Stop();
   mover_slot = nullptr;
-  const absl::Status withdrawn =
-      announcer.Announce(v1::NODE_STATE_OFFLINE, absl::Seconds(5));
-  if (!withdrawn.ok()) {
-    POLLEN_LOG_WARN("withdrawing records failed: {}", withdrawn.ToString());
-  }
+  // The offline record goes out while the sessions drain, so that a DHT
+  // whose peers are gone delays the stop by the longer of the two, not by
+  // their sum.
+  std::thread withdraw([&announcer] {
+    const absl::Status withdrawn =
+        announcer.Announce(v1::NODE_STATE_OFFLINE, kWithdrawTimeout);
+    if (!withdrawn.ok()) {
+      POLLEN_LOG_WARN("withdrawing records failed: {}", withdrawn.ToString());
+    }
+  });
   DrainSessions(options, stop_signals, sessions);
+  withdraw.join();
   prober.Stop();
   context.pusher.Shutdown();
   server->Shutdown(std::chrono::system_clock::now() +
