@@ -51,6 +51,11 @@ void NextHopProber::Run() {
   }
 }
 
+bool NextHopProber::Announced(const std::string& address, int block) const {
+  absl::MutexLock lock(&mu_);
+  return block == fetched_block_ && fetched_addresses_.count(address) > 0;
+}
+
 std::map<std::string, double> NextHopProber::RoundTripTimesMs() const {
   absl::MutexLock lock(&mu_);
   return rtt_ms_;
@@ -95,6 +100,17 @@ void NextHopProber::ProbeOnce() {
     POLLEN_LOG_DEBUG("no records of block {} to probe: {}", next_block,
                      records.status().ToString());
     return;
+  }
+
+  {
+    absl::MutexLock lock(&mu_);
+    fetched_block_ = next_block;
+    fetched_addresses_.clear();
+    for (const v1::NodeRecord& record : *records) {
+      if (record.state() != v1::NODE_STATE_OFFLINE) {
+        fetched_addresses_.insert(record.address());
+      }
+    }
   }
 
   // Candidates: ONLINE nodes other than this one, those measured before

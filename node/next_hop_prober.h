@@ -5,6 +5,7 @@
 
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <thread>
 
@@ -50,6 +51,11 @@ class NextHopProber {
   // Smoothed round-trip times in milliseconds, by node id.
   std::map<std::string, double> RoundTripTimesMs() const;
 
+  // Returns whether the last probe's records show a node that is not
+  // offline at `address` serving `block`, which must be the block after
+  // this node's span. A cheap first check of push targets.
+  bool Announced(const std::string& address, int block) const;
+
  private:
   void Run();
 
@@ -64,6 +70,10 @@ class NextHopProber {
   mutable absl::Mutex mu_;
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   std::map<std::string, double> rtt_ms_ ABSL_GUARDED_BY(mu_);
+  // From the last fetch: the block after the span, and the addresses of
+  // the nodes there that are not offline.
+  int fetched_block_ ABSL_GUARDED_BY(mu_) = -1;
+  std::set<std::string> fetched_addresses_ ABSL_GUARDED_BY(mu_);
 
   // Used only by the probing thread (or the caller of ProbeOnce), by address.
   std::map<std::string, std::shared_ptr<grpc::Channel>> channels_;

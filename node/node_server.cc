@@ -13,6 +13,7 @@
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/channel_pool.h"
@@ -38,7 +39,7 @@ namespace {
 
 // How long streams that hold no session may go on after the drain.
 constexpr absl::Duration kShutdownGrace = absl::Seconds(1);
-// Longest wait for the DHT to store the offline record at shutdown. Peers
+// Maximum wait for the DHT to store the offline record at shutdown. Peers
 // on loopback store it in milliseconds, and the record is advice: clients
 // that miss it find the node gone and fail over.
 constexpr absl::Duration kWithdrawTimeout = absl::Seconds(2);
@@ -258,12 +259,19 @@ absl::StatusOr<std::unique_ptr<grpc::Server>> StartServer(
 }
 
 // Accepts a push target when a node that is not offline announced `block`
-// of `model_id` at that address. A lookup takes at most kTargetLookup.
-PushTargetCheck AnnouncedTargetCheck(DhtRegistry* registry,
-                                     std::string model_id) {
+// of `model_id` at that address. The next-hop prober's last records decide
+// at once for the block after the span (when `prober` points to a prober),
+// and a DHT lookup of at most kTargetLookup decides otherwise.
+PushTargetCheck AnnouncedTargetCheck(
+    DhtRegistry* registry, std::string model_id,
+    const std::atomic<const NextHopProber*>* prober) {
   constexpr absl::Duration kTargetLookup = absl::Seconds(5);
-  return [registry, model_id = std::move(model_id)](
+  return [registry, model_id = std::move(model_id), prober](
              const std::string& address, int block) -> absl::Status {
+    const NextHopProber* known = prober->load();
+    if (known != nullptr && known->Announced(address, block)) {
+      return absl::OkStatus();
+    }
     POLLEN_ASSIGN_OR_RETURN(std::vector<v1::NodeRecord> records,
                             registry->FetchBlock(model_id, block, kTargetLookup));
     for (const v1::NodeRecord& record : records) {
@@ -412,7 +420,9 @@ absl::Status RunNode(const NodeOptions& options) {
     }
     mover->RequestMove(start, end, std::move(done));
   };
-  context.pusher.SetTargetCheck(AnnouncedTargetCheck(registry.get(), model_id));
+  std::atomic<const NextHopProber*> prober_slot{nullptr};
+  context.pusher.SetTargetCheck(
+      AnnouncedTargetCheck(registry.get(), model_id, &prober_slot));
   BlockServiceImpl service(&context);
   int bound_port = 0;
   POLLEN_ASSIGN_OR_RETURN(std::unique_ptr<grpc::Server> server,
@@ -433,6 +443,9 @@ absl::Status RunNode(const NodeOptions& options) {
 
   // Background work: next-hop RTTs and moves.
   NextHopProber prober(registry.get(), &context, options.announce_period);
+  prober_slot = &prober;
+  // The pusher's checker reads the prober, so it stops first on every path.
+  absl::Cleanup stop_pushes = [&context] { context.pusher.Shutdown(); };
   RecordInfo info;
   info.address = address;
   info.throughput = throughput;

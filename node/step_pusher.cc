@@ -349,7 +349,9 @@ void StepPusher::RunChecks() {
       unchecked_.pop_front();
     }
     Stream* stream = next.first;
+    const absl::Time check_start = absl::Now();
     absl::Status status = check_(stream->address(), next.second);
+    const absl::Duration check_time = absl::Now() - check_start;
     {
       absl::MutexLock lock(&mu_);
       if (status.ok() && shut_down_) {
@@ -358,8 +360,9 @@ void StepPusher::RunChecks() {
     }
 
     if (status.ok()) {
-      POLLEN_LOG_INFO("pushing to {}, which serves block {}", stream->address(),
-                      next.second);
+      POLLEN_LOG_INFO("pushing to {}, which serves block {} (checked in {})",
+                      stream->address(), next.second,
+                      absl::FormatDuration(check_time));
       stream->Start();
     } else {
       status = absl::Status(status.code(),
