@@ -234,6 +234,16 @@ Client::~Client() = default;
 
 absl::StatusOr<std::unique_ptr<Client>> Client::Connect(
     const ClientOptions& options) {
+  if (options.discovery_wait < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "discovery wait ", absl::FormatDuration(options.discovery_wait),
+        " is negative; use 0 s or more (--discovery-wait-s)"));
+  }
+  if (options.step_timeout <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "step timeout ", absl::FormatDuration(options.step_timeout),
+        " must be positive (--step-timeout-s)"));
+  }
   auto impl = std::make_unique<Impl>();
   impl->options = options;
   impl->model_id = options.model_id.empty() ? DefaultModelId(options.model_dir)

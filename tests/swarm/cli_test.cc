@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include <sstream>
+#include <tuple>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -182,6 +183,19 @@ TEST_F(CliSwarmTest, GenerateRejectsBadSampling) {
   EXPECT_EQ(result.exit_code, 1);
   EXPECT_NE(result.stderr_text.find("temperature"), std::string::npos)
       << result.stderr_text;
+}
+
+TEST_F(CliSwarmTest, GenerateRejectsBadWaits) {
+  for (const auto& [flag, value, text] :
+       {std::make_tuple("--discovery-wait-s", "-1", "discovery wait -1s"),
+        std::make_tuple("--step-timeout-s", "0", "step timeout 0")}) {
+    std::vector<std::string> argv = ClientArgs("generate");
+    argv.insert(argv.end(), {"--prompt", "Hi", flag, value});
+    const CommandResult result = RunCommand(argv);
+    EXPECT_EQ(result.exit_code, 1) << flag;
+    EXPECT_NE(result.stderr_text.find(text), std::string::npos)
+        << result.stderr_text;
+  }
 }
 
 TEST(Cli, SigtermWithdrawsNode) {
