@@ -125,17 +125,17 @@ absl::StatusOr<std::optional<HopStream::StepOutput>> HopStream::Poll(
   // The output is copied out of the response, which the next step reuses.
   StepOutput output;
   output.draining = response_.draining();
-  const std::string what = absl::StrCat("output of ", DescribeHop(hop_));
+  const std::string source = absl::StrCat("output of ", DescribeHop(hop_));
   if (response_.has_hidden_states()) {
     POLLEN_ASSIGN_OR_RETURN(output.hidden,
-                            TensorFromProto(response_.hidden_states(), what));
+                            TensorFromProto(response_.hidden_states(), source));
   }
   for (const v1::HopOutput& entry : response_.trail()) {
     TrailEntry& copied = output.trail.emplace_back();
     copied.draining = entry.draining();
     POLLEN_ASSIGN_OR_RETURN(copied.hidden,
                             TensorFromProto(entry.hidden_states(),
-                                            absl::StrCat("trail of ", what)));
+                                            absl::StrCat("trail of ", source)));
   }
   return output;
 }

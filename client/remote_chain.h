@@ -108,9 +108,9 @@ class InferenceChain {
   // and waits for the last hop's reply while it watches the others for a
   // node that could not push. Keeps the input of every hop that ran the
   // step. Returns hops_.size() when the step went through, with `*hidden`
-  // the last output; or, when hop i could not push, i + 1 with `*hidden`
-  // hop i's output. On failure, `failed` names the hop whose stream failed
-  // (the last hop when no node answered in time).
+  // the last output. When hop i could not push, returns i + 1 with
+  // `*hidden` hop i's output. On failure, `failed` names the hop whose
+  // stream failed (the last hop when no node replied in time).
   absl::StatusOr<size_t> RunPushed(at::Tensor* hidden, size_t* failed);
   // Restarts every hop but `failed` from its kept inputs, from the last to
   // the first, and returns the index `failed` has afterwards: a restart

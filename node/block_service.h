@@ -62,7 +62,7 @@ using MoveFunction = std::function<void(
 struct ServiceContext;
 
 // Gives a pushed step that came back (see StepPusher) to the session that
-// pushed it, which answers its client with the output. Logs and drops it
+// pushed it, which replies to its client with the output. Logs and drops it
 // when that session is gone. Defined in inference_reactor.cc.
 void ReturnPushedStep(ServiceContext* context,
                       std::unique_ptr<v1::PushedStep> pushed,
@@ -87,8 +87,8 @@ struct ServiceContext {
   std::atomic<bool> draining{false};
   // Runs Forward and Backward passes one at a time, after inference steps.
   ComputeQueue compute;
-  // Sends step outputs to the next node when a client asks for a push;
-  // a step that comes back goes to the session that pushed it.
+  // Sends step outputs to the next node when a client requests a push. A
+  // step that comes back goes to the session that pushed it.
   StepPusher pusher{[this](std::unique_ptr<v1::PushedStep> pushed,
                            absl::Status reason) {
     ReturnPushedStep(this, std::move(pushed), reason);

@@ -65,8 +65,8 @@ class StepMailbox {
 // manager's StepBatcher, which calls back from whichever thread ran the
 // step. gRPC runs the other callbacks on its own threads.
 //
-// A step that names push targets is answered by the route's last node, so
-// here it ends without a reply once its output is on its way; it gets one
+// The route's last node replies to a step that names push targets, so here
+// the step ends without a reply once its output is on its way. It gets one
 // only when the push fails (StepMailbox::ReturnPush).
 //
 // A read is outstanding whenever no stream step is running, so a pushed

@@ -127,7 +127,7 @@ class StepPusher::Stream final
       hold_released_ = true;
       TakeQueued(&failed);
     }
-    for (auto& step : failed) owner_->on_failure_(std::move(step), status);
+    Fail(std::move(failed), status);
   }
 
   void OnWriteDone(bool ok) override {
@@ -152,7 +152,8 @@ class StepPusher::Stream final
       }
     }
     if (!ok) owner_->Forget(this);
-    Fail(std::move(failed), "the stream broke before the step was written");
+    Fail(std::move(failed),
+         Broken("the stream broke before the step was written"));
     if (write) StartWrite(&request_);
     if (release) RemoveHold();
   }
@@ -169,7 +170,7 @@ class StepPusher::Stream final
         if (!writing_) release = ReleaseHoldOnce();
       }
       owner_->Forget(this);
-      Fail(std::move(failed), "the node ended the push stream");
+      Fail(std::move(failed), Broken("the node ended the push stream"));
       if (release) RemoveHold();
       return;
     }
@@ -229,14 +230,18 @@ class StepPusher::Stream final
     return true;
   }
 
-  void Fail(StepList steps, const char* reason) {
+  // Hands `steps` back to the failure handler with `status`.
+  void Fail(StepList steps, const absl::Status& status) {
     for (auto& step : steps) {
-      const absl::Status status = absl::UnavailableError(
-          absl::StrCat("push to ", address_, ": ", reason));
       POLLEN_LOG_WARN("session {}: {}", step->from_session_id(),
                       status.ToString());
       owner_->on_failure_(std::move(step), status);
     }
+  }
+
+  absl::Status Broken(const char* reason) const {
+    return absl::UnavailableError(
+        absl::StrCat("push to ", address_, ": ", reason));
   }
 
   StepPusher* const owner_;
@@ -270,7 +275,7 @@ StepPusher::Batch::~Batch() {
     outer_->held_.insert(outer_->held_.end(), held_.begin(), held_.end());
     return;
   }
-  for (const Held& held : held_) {
+  for (const HeldStream& held : held_) {
     held.stream->Flush();
     held.pusher->Unpin(held.stream);
   }
@@ -324,7 +329,7 @@ void StepPusher::Push(const std::string& address, int block,
   std::unique_ptr<v1::PushedStep> rejected =
       stream->Enqueue(std::move(pushed), /*hold=*/batch != nullptr);
   if (batch != nullptr && rejected == nullptr) {
-    batch->held_.push_back(Batch::Held{this, stream});
+    batch->held_.push_back(Batch::HeldStream{this, stream});
   } else {
     Unpin(stream);
   }

@@ -76,12 +76,12 @@ class StepPusher {
 
    private:
     friend class StepPusher;
-    struct Held {
+    struct HeldStream {
       StepPusher* pusher;
       Stream* stream;
     };
     Batch* const outer_;
-    std::vector<Held> held_;
+    std::vector<HeldStream> held_;
   };
 
   // `on_failure` runs on a gRPC thread or on the thread that calls Push,

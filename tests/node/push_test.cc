@@ -11,6 +11,7 @@
 #include <chrono>
 #include <string>
 
+#include "absl/strings/str_cat.h"
 #include "common/tensor_codec.h"
 #include "pollen/v1/pollen.grpc.pb.h"
 #include "tests/support/swarm_fixture.h"
@@ -99,6 +100,17 @@ class PushTest : public ::testing::Test {
     auto hidden = TensorFromProto(response->hidden_states(), "reply");
     EXPECT_TRUE(hidden.ok()) << hidden.status();
     return hidden.ok() ? *hidden : at::Tensor();
+  }
+
+  // Writes `request`, which the node must reject by ending the stream, and
+  // returns the stream's status.
+  static grpc::Status WriteAndFinish(Session& session,
+                                     const v1::InferenceRequest& request) {
+    v1::InferenceResponse response;
+    EXPECT_TRUE(session.stream->Write(request));
+    EXPECT_FALSE(session.stream->Read(&response));
+    session.stream->WritesDone();
+    return session.stream->Finish();
   }
 
   static grpc::Status Close(Session& session) {
@@ -300,8 +312,8 @@ TEST_F(PushTest, BadPushesGetClearStatuses) {
 }
 
 TEST_F(PushTest, StepsInOneMessageAllRun) {
-  auto one = Open(second_address_, "together-1", 2, 5);
-  auto two = Open(second_address_, "together-2", 2, 5);
+  auto first = Open(second_address_, "together-1", 2, 5);
+  auto second = Open(second_address_, "together-2", 2, 5);
   auto push = OpenPushStream();
   v1::PushRequest request;
   *request.add_steps() = Pushed("together-1", 0, at::randn({1, 2, kHidden}));
@@ -309,15 +321,15 @@ TEST_F(PushTest, StepsInOneMessageAllRun) {
   ASSERT_TRUE(push->stream->Write(request));
 
   v1::InferenceResponse response;
-  ASSERT_TRUE(one->stream->Read(&response));
+  ASSERT_TRUE(first->stream->Read(&response));
   EXPECT_EQ(response.position(), 2u);
-  ASSERT_TRUE(two->stream->Read(&response));
+  ASSERT_TRUE(second->stream->Read(&response));
   EXPECT_EQ(response.position(), 3u);
 
   push->stream->WritesDone();
   EXPECT_TRUE(push->stream->Finish().ok());
-  EXPECT_TRUE(Close(*one).ok());
-  EXPECT_TRUE(Close(*two).ok());
+  EXPECT_TRUE(Close(*first).ok());
+  EXPECT_TRUE(Close(*second).ok());
 }
 
 TEST_F(PushTest, ClientStepWithTrailIsRejected) {
@@ -328,11 +340,7 @@ TEST_F(PushTest, ClientStepWithTrailIsRejected) {
                                 ->add_trail()
                                 ->mutable_hidden_states())
                   .ok());
-  v1::InferenceResponse response;
-  ASSERT_TRUE(first->stream->Write(request));
-  EXPECT_FALSE(first->stream->Read(&response));
-  first->stream->WritesDone();
-  const grpc::Status status = first->stream->Finish();
+  const grpc::Status status = WriteAndFinish(*first, request);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_NE(status.error_message().find("trail"), std::string::npos);
 }
@@ -341,13 +349,23 @@ TEST_F(PushTest, BadTargetFailsBeforeStep) {
   auto first = Open(first_address_, "bad-target", 0, 2);
   v1::InferenceRequest request = Step(at::randn({1, 1, kHidden}), 0);
   AddTarget(&request, std::string(300, 'x') + ":1", "b");
-  v1::InferenceResponse response;
-  ASSERT_TRUE(first->stream->Write(request));
-  EXPECT_FALSE(first->stream->Read(&response));
-  first->stream->WritesDone();
-  const grpc::Status status = first->stream->Finish();
+  const grpc::Status status = WriteAndFinish(*first, request);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_NE(status.error_message().find("255"), std::string::npos);
+}
+
+TEST_F(PushTest, TooManyHopsAreRejected) {
+  auto first = Open(first_address_, "too-many-hops", 0, 2);
+  v1::InferenceRequest request = Step(at::randn({1, 1, kHidden}), 0);
+  for (int i = 0; i < 257; ++i) {
+    AddTarget(&request, second_address_, absl::StrCat("hop-", i));
+  }
+  const grpc::Status status = WriteAndFinish(*first, request);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(status.error_message().find("257"), std::string::npos)
+      << status.error_message();
+  EXPECT_NE(status.error_message().find("256"), std::string::npos)
+      << status.error_message();
 }
 
 }  // namespace
