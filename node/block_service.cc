@@ -106,15 +106,61 @@ bool IsLoopbackPeer(const std::string& peer) {
   return false;
 }
 
-grpc::ServerBidiReactor<v1::InferenceRequest, v1::InferenceResponse>*
-BlockServiceImpl::Inference(grpc::CallbackServerContext* call) {
-  // The reactor deletes itself in OnDone.
-  return new InferenceReactor(context_, call->peer());
+void BlockServiceImpl::StartAccepting(grpc::ServerCompletionQueue* queue) {
+  using InferenceCall =
+      ServerStreamCall<v1::InferenceRequest, v1::InferenceResponse>;
+  using PushCall = ServerStreamCall<v1::PushRequest, v1::PushRejection>;
+  using TrainingCall = ServerStreamCall<v1::PayloadChunk, v1::PayloadChunk>;
+
+  // Each reactor deletes itself in OnDone.
+  CallAcceptor<InferenceCall>::Start(
+      [this, queue](InferenceCall* call, void* tag) {
+        RequestInference(&call->context, &call->stream, queue, queue, tag);
+      },
+      [this](std::unique_ptr<InferenceCall> call) {
+        new InferenceReactor(context_, std::move(call));
+      });
+  CallAcceptor<PushCall>::Start(
+      [this, queue](PushCall* call, void* tag) {
+        RequestPushSteps(&call->context, &call->stream, queue, queue, tag);
+      },
+      [this](std::unique_ptr<PushCall> call) {
+        new PushReceiver(context_, std::move(call));
+      });
+  CallAcceptor<TrainingCall>::Start(
+      [this, queue](TrainingCall* call, void* tag) {
+        RequestForward(&call->context, &call->stream, queue, queue, tag);
+      },
+      [this](std::unique_ptr<TrainingCall> call) {
+        new TrainingReactor(context_, TrainingReactor::Kind::kForward,
+                            std::move(call));
+      });
+  CallAcceptor<TrainingCall>::Start(
+      [this, queue](TrainingCall* call, void* tag) {
+        RequestBackward(&call->context, &call->stream, queue, queue, tag);
+      },
+      [this](std::unique_ptr<TrainingCall> call) {
+        new TrainingReactor(context_, TrainingReactor::Kind::kBackward,
+                            std::move(call));
+      });
+  CallAcceptor<InfoCall>::Start(
+      [this, queue](InfoCall* call, void* tag) {
+        RequestInfo(&call->context, &call->request, &call->responder, queue,
+                    queue, tag);
+      },
+      [this](std::unique_ptr<InfoCall> call) { Info(std::move(call)); });
+  CallAcceptor<MoveBlocksCall>::Start(
+      [this, queue](MoveBlocksCall* call, void* tag) {
+        RequestMoveBlocks(&call->context, &call->request, &call->responder,
+                          queue, queue, tag);
+      },
+      [this](std::unique_ptr<MoveBlocksCall> call) {
+        MoveBlocks(std::move(call));
+      });
 }
 
-grpc::ServerUnaryReactor* BlockServiceImpl::Info(
-    grpc::CallbackServerContext* call, const v1::InfoRequest* /*request*/,
-    v1::InfoResponse* response) {
+void BlockServiceImpl::Info(std::unique_ptr<InfoCall> call) {
+  v1::InfoResponse* response = &call->response;
   response->set_version(PollenVersion());
   response->set_node_id(context_->node_id);
   response->set_public_name(context_->public_name);
@@ -128,78 +174,61 @@ grpc::ServerUnaryReactor* BlockServiceImpl::Info(
   response->set_cache_tokens_left(context_->sessions->cache_tokens_left());
   response->set_cache_tokens_total(context_->sessions->cache_tokens_total());
   response->set_open_sessions(context_->sessions->open_sessions());
-
-  grpc::ServerUnaryReactor* reactor = call->DefaultReactor();
-  reactor->Finish(grpc::Status::OK);
-  return reactor;
+  FinishUnary(std::move(call), grpc::Status::OK);
 }
 
-grpc::ServerBidiReactor<v1::PushRequest, v1::PushRejection>*
-BlockServiceImpl::PushSteps(grpc::CallbackServerContext* call) {
-  // The reactor deletes itself in OnDone.
-  return new PushReceiver(context_, call->peer());
-}
-
-grpc::ServerUnaryReactor* BlockServiceImpl::MoveBlocks(
-    grpc::CallbackServerContext* call, const v1::MoveBlocksRequest* request,
-    v1::MoveBlocksResponse* response) {
-  grpc::ServerUnaryReactor* reactor = call->DefaultReactor();
-  const int64_t start = request->blocks().start();
-  const int64_t end = request->blocks().end();
+void BlockServiceImpl::MoveBlocks(std::unique_ptr<MoveBlocksCall> call) {
+  const int64_t start = call->request.blocks().start();
+  const int64_t end = call->request.blocks().end();
   const int64_t num_blocks = context_->config.num_hidden_layers;
+  const std::string peer = call->context.peer();
 
   // Validate the caller and the range.
-  if (!IsLoopbackPeer(call->peer())) {
+  if (!IsLoopbackPeer(peer)) {
     POLLEN_LOG_WARN("rejected MoveBlocks {} from non-loopback peer {}",
-                    RangeString(start, end), call->peer());
-    reactor->Finish(grpc::Status(
-        grpc::StatusCode::PERMISSION_DENIED,
-        absl::StrCat("MoveBlocks is accepted only from loopback peers; ",
-                     call->peer(), " is not one. Run it on the node's machine")));
-    return reactor;
+                    RangeString(start, end), peer);
+    FinishUnary(std::move(call),
+                grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
+                             absl::StrCat("MoveBlocks is accepted only from "
+                                          "loopback peers; ",
+                                          peer,
+                                          " is not one. Run it on the node's "
+                                          "machine")));
+    return;
   }
   if (start >= end || end > num_blocks) {
-    reactor->Finish(grpc::Status(
-        grpc::StatusCode::INVALID_ARGUMENT,
-        absl::StrCat("blocks ", RangeString(start, end),
-                     " are not a non-empty range within the model's ",
-                     num_blocks, " blocks")));
-    return reactor;
+    FinishUnary(std::move(call),
+                grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                             absl::StrCat("blocks ", RangeString(start, end),
+                                          " are not a non-empty range within "
+                                          "the model's ",
+                                          num_blocks, " blocks")));
+    return;
   }
   if (context_->draining.load()) {
-    reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                                 "node is shutting down and does not move"));
-    return reactor;
+    FinishUnary(std::move(call),
+                grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                             "node is shutting down and does not move"));
+    return;
   }
   if (!context_->move_blocks) {
-    reactor->Finish(grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
-                                 "this node cannot move its blocks"));
-    return reactor;
+    FinishUnary(std::move(call),
+                grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
+                             "this node cannot move its blocks"));
+    return;
   }
 
   // Run the move on the node's mover thread; it finishes the call.
   POLLEN_LOG_INFO("MoveBlocks {} requested by {}", RangeString(start, end),
-                  call->peer());
+                  peer);
+  MoveBlocksCall* moving = call.release();
   context_->move_blocks(
       static_cast<int>(start), static_cast<int>(end),
-      [reactor, response](absl::StatusOr<v1::BlockRange> moved) {
-        if (moved.ok()) *response->mutable_blocks() = *moved;
-        reactor->Finish(ToGrpcStatus(moved.status()));
+      [moving](absl::StatusOr<v1::BlockRange> moved) {
+        std::unique_ptr<MoveBlocksCall> done(moving);
+        if (moved.ok()) *done->response.mutable_blocks() = *moved;
+        FinishUnary(std::move(done), ToGrpcStatus(moved.status()));
       });
-  return reactor;
-}
-
-grpc::ServerBidiReactor<v1::PayloadChunk, v1::PayloadChunk>*
-BlockServiceImpl::Forward(grpc::CallbackServerContext* call) {
-  // The reactor deletes itself in OnDone.
-  return new TrainingReactor(context_, TrainingReactor::Kind::kForward,
-                             call->peer());
-}
-
-grpc::ServerBidiReactor<v1::PayloadChunk, v1::PayloadChunk>*
-BlockServiceImpl::Backward(grpc::CallbackServerContext* call) {
-  return new TrainingReactor(context_, TrainingReactor::Kind::kBackward,
-                             call->peer());
 }
 
 }  // namespace pollen::node

@@ -15,6 +15,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "common/model_config.h"
+#include "node/call_loop.h"
 #include "node/compute_queue.h"
 #include "node/step_pusher.h"
 #include "pollen/v1/pollen.grpc.pb.h"
@@ -95,32 +96,26 @@ struct ServiceContext {
   }};
 };
 
-// Thread-safe; gRPC calls its methods from its own threads.
-class BlockServiceImpl final : public v1::BlockService::CallbackService {
+// Serves every method through the asynchronous API, on a CallLoop's
+// queue: each stream gets a reactor that deletes itself when the call
+// ends, and the unary calls get their replies on the loop's thread (Info) or from
+// the mover (MoveBlocks).
+class BlockServiceImpl final : public v1::BlockService::AsyncService {
  public:
   explicit BlockServiceImpl(ServiceContext* context) : context_(context) {}
 
-  grpc::ServerBidiReactor<v1::InferenceRequest, v1::InferenceResponse>*
-  Inference(grpc::CallbackServerContext* call) override;
-
-  grpc::ServerUnaryReactor* Info(grpc::CallbackServerContext* call,
-                                 const v1::InfoRequest* request,
-                                 v1::InfoResponse* response) override;
-
-  grpc::ServerBidiReactor<v1::PushRequest, v1::PushRejection>* PushSteps(
-      grpc::CallbackServerContext* call) override;
-
-  grpc::ServerUnaryReactor* MoveBlocks(grpc::CallbackServerContext* call,
-                                       const v1::MoveBlocksRequest* request,
-                                       v1::MoveBlocksResponse* response) override;
-
-  grpc::ServerBidiReactor<v1::PayloadChunk, v1::PayloadChunk>* Forward(
-      grpc::CallbackServerContext* call) override;
-
-  grpc::ServerBidiReactor<v1::PayloadChunk, v1::PayloadChunk>* Backward(
-      grpc::CallbackServerContext* call) override;
+  // Posts a request for the first call of each method on `queue`, the
+  // queue of the server this service is registered with. Call once, after
+  // the server started.
+  void StartAccepting(grpc::ServerCompletionQueue* queue);
 
  private:
+  using InfoCall = UnaryCall<v1::InfoRequest, v1::InfoResponse>;
+  using MoveBlocksCall = UnaryCall<v1::MoveBlocksRequest, v1::MoveBlocksResponse>;
+
+  void Info(std::unique_ptr<InfoCall> call);
+  void MoveBlocks(std::unique_ptr<MoveBlocksCall> call);
+
   ServiceContext* const context_;
 };
 

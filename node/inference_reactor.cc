@@ -132,9 +132,11 @@ void ReturnPushedStep(ServiceContext* context,
   (*session)->request.mailbox->ReturnPush(std::move(pushed), reason);
 }
 
-InferenceReactor::InferenceReactor(ServiceContext* context, std::string peer)
-    : context_(context),
-      peer_(std::move(peer)),
+InferenceReactor::InferenceReactor(ServiceContext* context,
+                                   std::unique_ptr<Call> call)
+    : ServerStreamReactor(std::move(call)),
+      context_(context),
+      peer_(peer()),
       mailbox_(std::make_shared<StepMailbox>(this)) {
   {
     absl::MutexLock lock(&mu_);

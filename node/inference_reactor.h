@@ -16,6 +16,7 @@
 #include "absl/synchronization/mutex.h"
 #include "google/protobuf/repeated_ptr_field.h"
 #include "node/block_service.h"
+#include "node/call_loop.h"
 #include "node/step_batcher.h"
 #include "pollen/v1/pollen.grpc.pb.h"
 
@@ -63,7 +64,7 @@ class StepMailbox {
 // Reads requests one at a time and replies to each step once, whether it
 // came on the stream or from a push. Steps run through the session
 // manager's StepBatcher, which calls back from whichever thread ran the
-// step. gRPC runs the other callbacks on its own threads.
+// step. The call loop's thread runs the other callbacks.
 //
 // The route's last node replies to a step that names push targets, so here
 // the step ends without a reply once its output is on its way. It gets one
@@ -77,11 +78,10 @@ class StepMailbox {
 // reactor deletes itself in OnDone, after which the session is closed and
 // its cache freed.
 class InferenceReactor final
-    : public grpc::ServerBidiReactor<v1::InferenceRequest,
-                                     v1::InferenceResponse> {
+    : public ServerStreamReactor<v1::InferenceRequest, v1::InferenceResponse> {
  public:
-  // `context` must outlive the reactor. `peer` names the client in logs.
-  InferenceReactor(ServiceContext* context, std::string peer);
+  // `context` must outlive the reactor.
+  InferenceReactor(ServiceContext* context, std::unique_ptr<Call> call);
 
   void OnReadDone(bool ok) override;
   void OnWriteDone(bool ok) override;

@@ -11,7 +11,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <grpcpp/grpcpp.h>
-#include <grpcpp/health_check_service_interface.h>
 
 #include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
@@ -226,9 +225,10 @@ absl::StatusOr<std::shared_ptr<const BlockSpan>> ChooseAndLoadSpan(
                   static_cast<int>(range.end()), dtype, quantization, device);
 }
 
-absl::StatusOr<std::unique_ptr<grpc::Server>> StartServer(
+// Starts the server and the loop that runs its calls, with `service`
+// accepting calls.
+absl::StatusOr<std::unique_ptr<CallLoop>> StartServer(
     const NodeOptions& options, BlockServiceImpl& service, int* bound_port) {
-  grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder builder;
   const std::string listen_address =
       absl::StrCat(options.listen_host, ":", options.port);
@@ -249,13 +249,18 @@ absl::StatusOr<std::unique_ptr<grpc::Server>> StartServer(
   builder.AddChannelArgument(GRPC_ARG_HTTP2_BDP_PROBE, 0);
   builder.AddChannelArgument(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 16 << 20);
   builder.RegisterService(&service);
+  std::unique_ptr<grpc::ServerCompletionQueue> queue =
+      builder.AddCompletionQueue();
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || *bound_port == 0) {
     return absl::UnavailableError(absl::StrCat(
         "cannot listen on ", listen_address,
         "; is the port in use? Pick another with --port"));
   }
-  return server;
+  auto loop = std::make_unique<CallLoop>(std::move(server), std::move(queue));
+  service.StartAccepting(loop->queue());
+  loop->Start();
+  return loop;
 }
 
 // Accepts a push target when a node that is not offline announced `block`
@@ -425,8 +430,9 @@ absl::Status RunNode(const NodeOptions& options) {
       AnnouncedTargetCheck(registry.get(), model_id, &prober_slot));
   BlockServiceImpl service(&context);
   int bound_port = 0;
-  POLLEN_ASSIGN_OR_RETURN(std::unique_ptr<grpc::Server> server,
+  POLLEN_ASSIGN_OR_RETURN(std::unique_ptr<CallLoop> calls,
                           StartServer(options, service, &bound_port));
+  context.pusher.SetCompletionQueue(calls->queue());
   const std::string address = absl::StrCat(options.announce_host, ":", bound_port);
 
   POLLEN_LOG_INFO("node {} serving {} blocks {}:{} at {}, DHT port {}",
@@ -500,9 +506,7 @@ absl::Status RunNode(const NodeOptions& options) {
   withdraw.join();
   prober.Stop();
   context.pusher.Shutdown();
-  server->Shutdown(std::chrono::system_clock::now() +
-                   absl::ToChronoMilliseconds(kShutdownGrace));
-  server->Wait();
+  calls->Stop(kShutdownGrace);
   registry.reset();
   POLLEN_LOG_INFO("node {} stopped", context.node_id);
   return absl::OkStatus();

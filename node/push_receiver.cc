@@ -32,8 +32,8 @@ absl::Status Deliver(ServiceContext* context, v1::InferenceStep* step,
 
 }  // namespace
 
-PushReceiver::PushReceiver(ServiceContext* context, std::string peer)
-    : context_(context), peer_(std::move(peer)) {
+PushReceiver::PushReceiver(ServiceContext* context, std::unique_ptr<Call> call)
+    : ServerStreamReactor(std::move(call)), context_(context), peer_(peer()) {
   POLLEN_LOG_DEBUG("push stream from {} opened", peer_);
   StartRead(&request_);
 }

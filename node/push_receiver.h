@@ -4,12 +4,14 @@
 #pragma once
 
 #include <deque>
+#include <memory>
 #include <string>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 #include "node/block_service.h"
+#include "node/call_loop.h"
 #include "pollen/v1/pollen.grpc.pb.h"
 
 namespace pollen::node {
@@ -19,18 +21,17 @@ namespace pollen::node {
 // pushing node in a PushRejection with the reason. Steps that arrive in
 // one message are queued together, so they can share a forward pass.
 //
-// The read callback runs the passes on its gRPC thread when no pass is
-// running, as a stream step does, and reads the next message afterwards.
+// The read callback runs the passes on the call loop's thread when no pass
+// is running, as a stream step does, and reads the next message afterwards.
 // Posting that read makes gRPC return flow-control credit to the pushing
 // node, which then goes out after this node's own push. The stream
 // finishes after the pushing node ends it and every write is done, and
 // the reactor deletes itself in OnDone.
 class PushReceiver final
-    : public grpc::ServerBidiReactor<v1::PushRequest, v1::PushRejection> {
+    : public ServerStreamReactor<v1::PushRequest, v1::PushRejection> {
  public:
-  // `context` must outlive the reactor. `peer` names the pushing node in
-  // logs.
-  PushReceiver(ServiceContext* context, std::string peer);
+  // `context` must outlive the reactor.
+  PushReceiver(ServiceContext* context, std::unique_ptr<Call> call);
 
   void OnReadDone(bool ok) override;
   void OnWriteDone(bool ok) override;

@@ -97,12 +97,32 @@ StepBatcherOptions Sanitize(StepBatcherOptions options) {
 }  // namespace
 
 StepBatcher::StepBatcher(StepBatcherOptions options)
-    : options_(Sanitize(std::move(options))) {}
+    : options_(Sanitize(std::move(options))),
+      worker_([this] { WorkerLoop(); }) {}
 
 StepBatcher::~StepBatcher() {
-  absl::MutexLock lock(&mu_);
-  mu_.Await(absl::Condition(
-      +[](bool* running) { return !*running; }, &running_));
+  {
+    absl::MutexLock lock(&mu_);
+    mu_.Await(absl::Condition(
+        +[](bool* running) { return !*running; }, &running_));
+    stopping_ = true;
+  }
+  worker_.join();
+}
+
+void StepBatcher::WorkerLoop() {
+  while (true) {
+    {
+      absl::MutexLock lock(&mu_);
+      auto woken = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        return worker_turn_ || stopping_;
+      };
+      mu_.Await(absl::Condition(&woken));
+      if (!worker_turn_) return;
+      worker_turn_ = false;
+    }
+    RunUntilIdle(/*may_wait=*/true);
+  }
 }
 
 void StepBatcher::Submit(StepTask task) {
@@ -126,10 +146,10 @@ void StepBatcher::Submit(std::vector<StepTask> tasks) {
     if (running_ || queued_.empty()) return;
     running_ = true;
   }
-  RunUntilIdle();
+  RunUntilIdle(/*may_wait=*/false);
 }
 
-void StepBatcher::RunUntilIdle() {
+void StepBatcher::RunUntilIdle(bool may_wait) {
   // Steps this thread has taken from the queue, oldest first. Only this
   // thread touches them until they are done.
   std::vector<std::unique_ptr<Pending>> active;
@@ -149,6 +169,13 @@ void StepBatcher::RunUntilIdle() {
       const absl::Duration round = RoundTime();
       const size_t expected =
           ActiveSessions(absl::Now(), key.from, key.to, round);
+      if (active.size() < expected && !may_wait) {
+        for (auto it = active.rbegin(); it != active.rend(); ++it) {
+          queued_.push_front(std::move(*it));
+        }
+        worker_turn_ = true;
+        return;
+      }
       if (active.size() < expected) {
         const size_t steps_taken = active.size();
         auto arrived = [this, steps_taken, expected]()

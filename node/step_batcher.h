@@ -9,6 +9,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -50,11 +51,14 @@ struct StepBatcherOptions {
   int64_t max_pass_tokens = 512;
 };
 
-// Thread-safe. There is no worker thread: a Submit that finds no pass
-// running runs passes itself until nothing is queued, while Submits from
-// other threads only queue their task. A pass takes the steps that are
-// queued when it starts, so one session runs with no wait and concurrent
-// sessions share passes.
+// Thread-safe, and Submit never waits for other sessions. A Submit that
+// finds no pass running runs passes itself until nothing is queued, while
+// Submits from other threads only queue their task. A pass takes the steps
+// that are queued when it starts, so one session runs with no wait and
+// concurrent sessions share passes. When a pass has to wait for steps (see
+// below), the batcher's own thread takes over the waiting and the passes
+// after it, because the submitting thread is usually the node's call loop,
+// which must go on receiving the steps the pass waits for.
 //
 // Concurrent sessions drift apart: each pass takes the steps that happen
 // to be there, and the others wait for the next pass. So when sessions
@@ -82,7 +86,7 @@ struct StepBatcherOptions {
 class StepBatcher {
  public:
   explicit StepBatcher(StepBatcherOptions options);
-  // Waits for a pass in progress.
+  // Waits for a pass in progress, and stops the batcher's thread.
   ~StepBatcher();
 
   StepBatcher(const StepBatcher&) = delete;
@@ -112,8 +116,13 @@ class StepBatcher {
     int64_t chunk;
   };
 
-  // Runs passes until no step is queued or unfinished.
-  void RunUntilIdle();
+  // Runs passes until no step is queued or unfinished. Unless `may_wait`,
+  // hands the queue to the batcher's thread at the first pass that would
+  // wait for steps.
+  void RunUntilIdle(bool may_wait);
+
+  // The batcher's thread: runs passes that wait, when handed them.
+  void WorkerLoop();
 
   // The batcher's record of a session that stepped recently.
   struct Activity {
@@ -177,6 +186,10 @@ class StepBatcher {
   std::deque<std::unique_ptr<Pending>> queued_ ABSL_GUARDED_BY(mu_);
   // Set while a thread runs passes.
   bool running_ ABSL_GUARDED_BY(mu_) = false;
+  // Set when the batcher's thread is to continue the passes.
+  bool worker_turn_ ABSL_GUARDED_BY(mu_) = false;
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread worker_;
 };
 
 }  // namespace pollen::node

@@ -52,18 +52,19 @@ absl::Status ValidatePushTarget(const v1::PushTarget& target,
   return absl::OkStatus();
 }
 
-// One PushSteps call to one node. An AddHold keeps the call open until it
-// breaks or is cancelled, so that Push may start writes at any time, and a
-// read stays pending for the node's rejections. The owner deletes it after
-// OnDone, once no Push uses it.
+// One PushSteps call to one node. A hold keeps the reactor from its OnDone
+// until the call broke or was cancelled, so that Push may start writes at
+// any time, and a read stays pending for the node's rejections. The owner
+// deletes it after OnDone, once no Push uses it.
 class StepPusher::Stream final
-    : public grpc::ClientBidiReactor<v1::PushRequest, v1::PushRejection> {
+    : public ClientStreamReactor<v1::PushRequest, v1::PushRejection> {
  public:
   Stream(StepPusher* owner, std::string address,
-         std::shared_ptr<grpc::Channel> channel)
+         std::shared_ptr<grpc::Channel> channel, grpc::CompletionQueue* queue)
       : owner_(owner),
         address_(std::move(address)),
-        stub_(v1::BlockService::NewStub(std::move(channel))) {}
+        stub_(v1::BlockService::NewStub(std::move(channel))),
+        queue_(queue) {}
 
   const std::string& address() const { return address_; }
 
@@ -76,7 +77,7 @@ class StepPusher::Stream final
   // Until then Enqueue only queues, since writes need the bound call.
   void Start() {
     POLLEN_LOG_DEBUG("opening a push stream to {}", address_);
-    stub_->async()->PushSteps(&context_, this);
+    Bind(stub_->PrepareAsyncPushSteps(&context(), queue_));
     AddHold();
     StartRead(&rejection_);
     StartCall();
@@ -115,7 +116,7 @@ class StepPusher::Stream final
     StartWrite(&request_);
   }
 
-  void Cancel() { context_.TryCancel(); }
+  void Cancel() { context().TryCancel(); }
 
   // Fails the queued steps of a stream that never started, and every later
   // one.
@@ -247,7 +248,7 @@ class StepPusher::Stream final
   StepPusher* const owner_;
   const std::string address_;
   const std::unique_ptr<v1::BlockService::Stub> stub_;
-  grpc::ClientContext context_;
+  grpc::CompletionQueue* const queue_;
   v1::PushRejection rejection_;
 
   absl::Mutex mu_;
@@ -290,16 +291,21 @@ void StepPusher::SetTargetCheck(PushTargetCheck check) {
   check_ = std::move(check);
 }
 
+void StepPusher::SetCompletionQueue(grpc::CompletionQueue* queue) {
+  absl::MutexLock lock(&mu_);
+  queue_ = queue;
+}
+
 void StepPusher::Push(const std::string& address, int block,
                       std::unique_ptr<v1::PushedStep> pushed) {
   Stream* stream = nullptr;
   bool start = false;
   {
     absl::MutexLock lock(&mu_);
-    if (!shut_down_) {
+    if (!shut_down_ && queue_ != nullptr) {
       auto it = streams_.find(address);
       if (it == streams_.end()) {
-        stream = new Stream(this, address, channels_.Get(address));
+        stream = new Stream(this, address, channels_.Get(address), queue_);
         streams_[address] = stream;
         ++live_streams_;
         if (check_) {
@@ -318,11 +324,12 @@ void StepPusher::Push(const std::string& address, int block,
   }
   if (stream == nullptr) {
     on_failure_(std::move(pushed),
-                absl::UnavailableError("this node is shutting down"));
+                absl::UnavailableError(
+                    "this node is shutting down or has no push streams"));
     return;
   }
 
-  // Outside the lock: gRPC may run callbacks of the stream on this thread.
+  // Outside the lock, because Enqueue may fail steps.
   // A batch keeps the pin until it sends.
   if (start) stream->Start();
   Batch* batch = current_batch;

@@ -17,6 +17,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/channel_pool.h"
+#include "node/call_loop.h"
 #include "pollen/v1/pollen.grpc.pb.h"
 
 namespace pollen::node {
@@ -84,8 +85,8 @@ class StepPusher {
     std::vector<HeldStream> held_;
   };
 
-  // `on_failure` runs on a gRPC thread or on the thread that calls Push,
-  // with no lock of this class held.
+  // `on_failure` runs on the call loop's thread or on the thread that calls
+  // Push, with no lock of this class held.
   explicit StepPusher(PushFailureHandler on_failure);
   // Calls Shutdown.
   ~StepPusher();
@@ -96,6 +97,10 @@ class StepPusher {
   // Makes streams to new addresses wait for `check`. Call before the first
   // Push.
   void SetTargetCheck(PushTargetCheck check);
+
+  // Sets the queue of the streams, which a CallLoop drives. Until it is
+  // set, every push fails with UNAVAILABLE.
+  void SetCompletionQueue(grpc::CompletionQueue* queue);
 
   // Queues `pushed` for the node at `address`, whose session starts at
   // `block`, and returns without waiting for the network.
@@ -126,6 +131,7 @@ class StepPusher {
   ChannelPool channels_;
 
   absl::Mutex mu_;
+  grpc::CompletionQueue* queue_ ABSL_GUARDED_BY(mu_) = nullptr;
   // Open streams by address. A stream that broke leaves the map at once,
   // and lives on until gRPC is done with it.
   std::map<std::string, Stream*> streams_ ABSL_GUARDED_BY(mu_);

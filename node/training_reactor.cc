@@ -132,8 +132,11 @@ absl::StatusOr<v1::BackwardResponse> RunBackwardRequest(
 }
 
 TrainingReactor::TrainingReactor(ServiceContext* context, Kind kind,
-                                 std::string peer)
-    : context_(context), kind_(kind), peer_(std::move(peer)) {
+                                 std::unique_ptr<Call> call)
+    : ServerStreamReactor(std::move(call)),
+      context_(context),
+      kind_(kind),
+      peer_(peer()) {
   StartRead(&chunk_);
 }
 

@@ -2,12 +2,14 @@
 // training, carried as PayloadChunk streams.
 #pragma once
 
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "common/payload_chunks.h"
 #include "node/block_service.h"
+#include "node/call_loop.h"
 #include "pollen/v1/pollen.grpc.pb.h"
 
 namespace pollen::node {
@@ -27,16 +29,17 @@ absl::StatusOr<v1::BackwardResponse> RunBackwardRequest(
 
 // One Forward or Backward call. Reads chunks until the one marked `last`,
 // queues the pass on context->compute, then writes the response chunks one
-// at a time. gRPC runs its callbacks on its own threads and the queue's
+// at a time. The call loop's thread runs the callbacks and the queue's
 // worker runs the pass; at most one read or write is in flight. Deletes
 // itself in OnDone.
 class TrainingReactor final
-    : public grpc::ServerBidiReactor<v1::PayloadChunk, v1::PayloadChunk> {
+    : public ServerStreamReactor<v1::PayloadChunk, v1::PayloadChunk> {
  public:
   enum class Kind { kForward, kBackward };
 
-  // `context` must outlive the reactor. `peer` names the client in logs.
-  TrainingReactor(ServiceContext* context, Kind kind, std::string peer);
+  // `context` must outlive the reactor.
+  TrainingReactor(ServiceContext* context, Kind kind,
+                  std::unique_ptr<Call> call);
 
   void OnReadDone(bool ok) override;
   void OnWriteDone(bool ok) override;

@@ -133,6 +133,33 @@ TEST_F(BlockServiceTest, InfoReportsSpanAndCache) {
   EXPECT_FALSE(info.node_id().empty());
 }
 
+// gRPC's callback API would add two threads that take turns polling, and a
+// wakeup of the second one per message. The node runs its calls on one
+// thread instead (node/call_loop.h).
+TEST_F(BlockServiceTest, NodeHasNoCallbackThreads) {
+  Call call = StartCall();
+  v1::InferenceResponse response;
+  ASSERT_TRUE(call.stream->Write(OpenRequest("threads")));
+  ASSERT_TRUE(call.stream->Read(&response));
+  Info();
+
+  const pid_t pid = swarm_->node(0).process.pid();
+  std::vector<std::string> names;
+  for (const auto& task : std::filesystem::directory_iterator(
+           "/proc/" + std::to_string(pid) + "/task")) {
+    std::ifstream comm(task.path() / "comm");
+    std::string name;
+    std::getline(comm, name);
+    names.push_back(name);
+  }
+  EXPECT_GT(names.size(), 1u);
+  for (const std::string& name : names) {
+    EXPECT_NE(name, "nexting_thread") << "thread of node process " << pid;
+  }
+  call.stream->WritesDone();
+  EXPECT_TRUE(call.stream->Finish().ok());
+}
+
 TEST_F(BlockServiceTest, ValidSessionRunsPrefillAndDecode) {
   Call call = StartCall();
   v1::InferenceResponse response;
