@@ -97,9 +97,8 @@ struct ServiceContext {
 };
 
 // Serves every method through the asynchronous API, on a CallLoop's
-// queue: each stream gets a reactor that deletes itself when the call
-// ends, and the unary calls get their replies on the loop's thread (Info) or from
-// the mover (MoveBlocks).
+// queue. Each stream gets a reactor that deletes itself when the call
+// ends. Info replies on the loop's thread, and MoveBlocks from the mover.
 class BlockServiceImpl final : public v1::BlockService::AsyncService {
  public:
   explicit BlockServiceImpl(ServiceContext* context) : context_(context) {}
