@@ -100,7 +100,7 @@ absl::Status GreedyDecoder::Decode(int steps) {
 }
 
 absl::StatusOr<int> GreedyDecoder::Step(const std::vector<int>& ids) {
-  at::NoGradGuard no_grad;
+  c10::InferenceMode inference_mode;
   const std::vector<int64_t> wide(ids.begin(), ids.end());
   at::Tensor hidden;
   POLLEN_RETURN_IF_ERROR(CatchTorchErrors("embedding the input", [&] {
