@@ -245,6 +245,25 @@ std::vector<char*> NormalizeFlagNames(int argc, char** argv,
   return result;
 }
 
+// Warns on stderr when --push is set where it changes nothing: on a command
+// that never pushes, or on a local swarm of one node, which has no next
+// node to push to.
+void WarnIfPushHasNoEffect(const std::string& command) {
+  if (!absl::GetFlag(FLAGS_push)) return;
+  const bool pushes = command == "generate" || command == "chat" ||
+                      command == "local-swarm" || command == "bench";
+  if (!pushes) {
+    std::cerr << "warning: --push has no effect on pollen " << command
+              << "; it applies to generate, chat, local-swarm and bench\n";
+    return;
+  }
+  const bool starts_nodes = command == "local-swarm" || command == "bench";
+  if (starts_nodes && absl::GetFlag(FLAGS_nodes) == 1) {
+    std::cerr << "warning: --push has no effect with --nodes 1: a single "
+                 "node has no next node to push to\n";
+  }
+}
+
 int RunFinetune() {
   pollen::cli::FinetuneCommandOptions options;
   options.client = GenerateOptionsFromFlags().client;
@@ -359,6 +378,10 @@ int main(int argc, char** argv) {
     return 2;
   }
 
+  // The bench warns after it restarted itself, so that the warning shows
+  // once.
+  if (command != "bench") WarnIfPushHasNoEffect(command);
+
   if (command == "node") return RunNode();
   if (command == "make-checkpoint") {
     pollen::cli::MakeCheckpointCommandOptions options;
@@ -382,6 +405,7 @@ int main(int argc, char** argv) {
                    "set OMP_WAIT_POLICY=PASSIVE and OPENBLAS_THREAD_TIMEOUT=4 "
                    "for comparable numbers\n";
     }
+    WarnIfPushHasNoEffect(command);
     pollen::cli::BenchCommandOptions options;
     options.bench.model_dir = absl::GetFlag(FLAGS_model);
     options.bench.num_nodes = absl::GetFlag(FLAGS_nodes);

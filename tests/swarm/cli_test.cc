@@ -44,6 +44,29 @@ TEST(Cli, LocalSwarmJsonHasReferenceIds) {
   EXPECT_EQ(output["route"].size(), 2u);
 }
 
+TEST(Cli, PushWithOneNodeWarns) {
+  const CommandResult result = RunCommand(
+      {PollenBinary(), "local-swarm", "--model", Stories260kDir(), "--nodes",
+       "1", "--prompt", kStoriesPrompt, "--max-new-tokens", "4", "--push"});
+  ASSERT_EQ(result.exit_code, 0) << result.stderr_text;
+  EXPECT_NE(result.stderr_text.find(
+                "warning: --push has no effect with --nodes 1"),
+            std::string::npos)
+      << result.stderr_text;
+}
+
+TEST(Cli, PushOnMakeCheckpointWarns) {
+  TempDir dir;
+  const CommandResult result = RunCommand(
+      {PollenBinary(), "make-checkpoint", "--shape", "test-tiny", "--out",
+       dir.path() + "/tiny", "--push"});
+  ASSERT_EQ(result.exit_code, 0) << result.stderr_text;
+  EXPECT_NE(result.stderr_text.find(
+                "warning: --push has no effect on pollen make-checkpoint"),
+            std::string::npos)
+      << result.stderr_text;
+}
+
 TEST(Cli, LocalSwarmWithPushMatchesReference) {
   const CommandResult result = RunCommand(
       {PollenBinary(), "local-swarm", "--model", Stories260kDir(), "--nodes",
