@@ -106,7 +106,8 @@ bool IsLoopbackPeer(const std::string& peer) {
   return false;
 }
 
-void BlockServiceImpl::StartAccepting(grpc::ServerCompletionQueue* queue) {
+void BlockServiceImpl::StartAccepting(CallLoop* loop) {
+  grpc::ServerCompletionQueue* queue = loop->queue();
   using InferenceCall =
       ServerStreamCall<v1::InferenceRequest, v1::InferenceResponse>;
   using PushCall = ServerStreamCall<v1::PushRequest, v1::PushRejection>;
@@ -114,21 +115,21 @@ void BlockServiceImpl::StartAccepting(grpc::ServerCompletionQueue* queue) {
 
   // Each reactor deletes itself in OnDone.
   CallAcceptor<InferenceCall>::Start(
-      [this, queue](InferenceCall* call, void* tag) {
+      loop, [this, queue](InferenceCall* call, void* tag) {
         RequestInference(&call->context, &call->stream, queue, queue, tag);
       },
       [this](std::unique_ptr<InferenceCall> call) {
         new InferenceReactor(context_, std::move(call));
       });
   CallAcceptor<PushCall>::Start(
-      [this, queue](PushCall* call, void* tag) {
+      loop, [this, queue](PushCall* call, void* tag) {
         RequestPushSteps(&call->context, &call->stream, queue, queue, tag);
       },
       [this](std::unique_ptr<PushCall> call) {
         new PushReceiver(context_, std::move(call));
       });
   CallAcceptor<TrainingCall>::Start(
-      [this, queue](TrainingCall* call, void* tag) {
+      loop, [this, queue](TrainingCall* call, void* tag) {
         RequestForward(&call->context, &call->stream, queue, queue, tag);
       },
       [this](std::unique_ptr<TrainingCall> call) {
@@ -136,7 +137,7 @@ void BlockServiceImpl::StartAccepting(grpc::ServerCompletionQueue* queue) {
                             std::move(call));
       });
   CallAcceptor<TrainingCall>::Start(
-      [this, queue](TrainingCall* call, void* tag) {
+      loop, [this, queue](TrainingCall* call, void* tag) {
         RequestBackward(&call->context, &call->stream, queue, queue, tag);
       },
       [this](std::unique_ptr<TrainingCall> call) {
@@ -144,13 +145,13 @@ void BlockServiceImpl::StartAccepting(grpc::ServerCompletionQueue* queue) {
                             std::move(call));
       });
   CallAcceptor<InfoCall>::Start(
-      [this, queue](InfoCall* call, void* tag) {
+      loop, [this, queue](InfoCall* call, void* tag) {
         RequestInfo(&call->context, &call->request, &call->responder, queue,
                     queue, tag);
       },
       [this](std::unique_ptr<InfoCall> call) { Info(std::move(call)); });
   CallAcceptor<MoveBlocksCall>::Start(
-      [this, queue](MoveBlocksCall* call, void* tag) {
+      loop, [this, queue](MoveBlocksCall* call, void* tag) {
         RequestMoveBlocks(&call->context, &call->request, &call->responder,
                           queue, queue, tag);
       },

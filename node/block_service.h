@@ -103,10 +103,10 @@ class BlockServiceImpl final : public v1::BlockService::AsyncService {
  public:
   explicit BlockServiceImpl(ServiceContext* context) : context_(context) {}
 
-  // Posts a request for the first call of each method on `queue`, the
-  // queue of the server this service is registered with. Call once, after
+  // Posts a request for the first call of each method on the queue of
+  // `loop`, whose server this service is registered with. Call once, after
   // the server started.
-  void StartAccepting(grpc::ServerCompletionQueue* queue);
+  void StartAccepting(CallLoop* loop);
 
  private:
   using InfoCall = UnaryCall<v1::InfoRequest, v1::InfoResponse>;

@@ -8,21 +8,57 @@ CallLoop::CallLoop(std::unique_ptr<grpc::Server> server,
                    std::unique_ptr<grpc::ServerCompletionQueue> queue)
     : server_(std::move(server)), queue_(std::move(queue)) {}
 
-CallLoop::~CallLoop() { Stop(absl::ZeroDuration()); }
+CallLoop::~CallLoop() {
+  ShutdownServer(absl::ZeroDuration());
+  Stop(absl::Seconds(10));
+}
 
 void CallLoop::Start() {
   thread_ = std::thread([this] { Run(); });
 }
 
-void CallLoop::Stop(absl::Duration grace) {
-  if (stopped_) return;
-  stopped_ = true;
+void CallLoop::AddCall() {
+  absl::MutexLock lock(&mu_);
+  ++live_calls_;
+}
 
-  // The thread must keep running meanwhile: the server waits until the
-  // calls' reactors have seen their ends and freed them.
+void CallLoop::RemoveCall() {
+  absl::MutexLock lock(&mu_);
+  --live_calls_;
+}
+
+void CallLoop::ShutdownServer(absl::Duration grace) {
+  if (server_shut_down_) return;
+  server_shut_down_ = true;
   server_->Shutdown(std::chrono::system_clock::now() +
                     absl::ToChronoMilliseconds(grace));
-  server_->Wait();
+}
+
+void CallLoop::Stop(absl::Duration timeout) {
+  if (stopped_) return;
+  stopped_ = true;
+  ShutdownServer(absl::ZeroDuration());
+
+  // The thread keeps running the calls' ends meanwhile. A call that never
+  // ends keeps the queue open, because shutting it down would abort the
+  // process at the call's next operation.
+  {
+    absl::MutexLock lock(&mu_);
+    auto ended = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      return live_calls_ == 0;
+    };
+    if (!mu_.AwaitWithTimeout(absl::Condition(&ended), timeout)) {
+      POLLEN_LOG_ERROR(
+          "{} calls still live {} after the server shut down; leaving the "
+          "completion queue open",
+          live_calls_, absl::FormatDuration(timeout));
+      if (thread_.joinable()) thread_.detach();
+      static_cast<void>(server_.release());
+      static_cast<void>(queue_.release());
+      return;
+    }
+  }
+
   queue_->Shutdown();
   if (thread_.joinable()) {
     thread_.join();

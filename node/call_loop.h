@@ -4,10 +4,11 @@
 // Why not gRPC's callback API: in gRPC 1.51 the callbacks run on two
 // threads that take turns as the epoll poller, and the thread that
 // receives an event hands the poller role to the other before it runs the
-// callback. So every message woke a second thread, and on a small machine
-// those context switches cost more CPU than the message itself. Here one
-// thread polls, runs the reaction and starts the next write, and a message
-// costs about one wakeup.
+// callback. So every message woke a second thread: on a two-core machine
+// a node switched threads about six times per decoded token, and a third
+// of its CPU time went to the kernel. Here one thread polls, runs the
+// reaction and starts the next write, and the same node switches about
+// twice per token (docs/benchmarks.md).
 //
 // The reactor classes below keep the shape of gRPC's callback reactors
 // (StartRead, StartWrite, Finish, OnReadDone, OnWriteDone, OnDone), so the
@@ -51,11 +52,16 @@ class MemberTag final : public CallTag {
 // Owns a started server and the completion queue of its calls, and runs
 // the thread that drives them. Every operation on a call of this server,
 // and on any client call started on queue(), completes on that thread.
+//
+// Starting an operation on a queue that was shut down aborts the process.
+// So every object that may still start one (acceptor, reactor, unary call,
+// client stream) counts itself as live with AddCall and RemoveCall, and
+// the queue shuts down only once none is left.
 class CallLoop {
  public:
   CallLoop(std::unique_ptr<grpc::Server> server,
            std::unique_ptr<grpc::ServerCompletionQueue> queue);
-  // Calls Stop with no grace.
+  // Shuts the server down with no grace and calls Stop.
   ~CallLoop();
 
   CallLoop(const CallLoop&) = delete;
@@ -67,11 +73,19 @@ class CallLoop {
   // after.
   void Start();
 
-  // Stops accepting calls, cancels those still open after `grace`, and
-  // waits until every call ended. Then shuts the queue down, lets the
-  // thread run what is left on it, and joins the thread. Client calls on
-  // queue() must have ended, or be cancelled, before. Idempotent.
-  void Stop(absl::Duration grace);
+  void AddCall();
+  void RemoveCall();
+
+  // Stops accepting calls and cancels those still open after `grace`. The
+  // thread goes on running the ends of the cancelled calls. Idempotent.
+  void ShutdownServer(absl::Duration grace);
+
+  // Waits up to `timeout` until no call is live, then shuts the queue
+  // down, lets the thread run what is left on it, and joins the thread.
+  // Calls ShutdownServer first unless it ran already. When calls are still live
+  // after `timeout`, logs them and leaves the queue and the thread running,
+  // which is safe for a process about to exit. Idempotent.
+  void Stop(absl::Duration timeout);
 
  private:
   void Run();
@@ -79,12 +93,18 @@ class CallLoop {
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<grpc::ServerCompletionQueue> queue_;
   std::thread thread_;
+  bool server_shut_down_ = false;
   bool stopped_ = false;
+
+  absl::Mutex mu_;
+  int live_calls_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 // A bidirectional streaming call accepted by the server.
 template <class Request, class Response>
 struct ServerStreamCall {
+  // Set by the acceptor, which counts the call there once it arrived.
+  CallLoop* loop = nullptr;
   grpc::ServerContext context;
   grpc::ServerAsyncReaderWriter<Response, Request> stream{&context};
 };
@@ -92,13 +112,19 @@ struct ServerStreamCall {
 // A unary call accepted by the server. FinishUnary replies and frees it.
 template <class Request, class Response>
 struct UnaryCall final : public CallTag {
+  // Set by the acceptor, which counts the call there once it arrived.
+  CallLoop* loop = nullptr;
   grpc::ServerContext context;
   Request request;
   Response response;
   grpc::ServerAsyncResponseWriter<Response> responder{&context};
 
   // The reply was sent, or the call ended without it.
-  void Run(bool /*ok*/) override { delete this; }
+  void Run(bool /*ok*/) override {
+    CallLoop* counted = loop;
+    delete this;
+    counted->RemoveCall();
+  }
 };
 
 // Sends `call->response` with `status`, or only `status` when it is not
@@ -107,10 +133,11 @@ template <class Request, class Response>
 void FinishUnary(std::unique_ptr<UnaryCall<Request, Response>> call,
                  const grpc::Status& status) {
   UnaryCall<Request, Response>* raw = call.release();
+  CallTag* tag = raw;
   if (status.ok()) {
-    raw->responder.Finish(raw->response, status, raw);
+    raw->responder.Finish(raw->response, status, tag);
   } else {
-    raw->responder.FinishWithError(status, raw);
+    raw->responder.FinishWithError(status, tag);
   }
 }
 
@@ -126,47 +153,57 @@ class CallAcceptor final : public CallTag {
   using RequestFunction = std::function<void(Call* call, void* tag)>;
   using CallFunction = std::function<void(std::unique_ptr<Call>)>;
 
-  static void Start(RequestFunction request, CallFunction on_call) {
-    auto* acceptor = new CallAcceptor(std::move(request), std::move(on_call));
+  static void Start(CallLoop* loop, RequestFunction request,
+                    CallFunction on_call) {
+    loop->AddCall();
+    auto* acceptor =
+        new CallAcceptor(loop, std::move(request), std::move(on_call));
     acceptor->Request();
   }
 
   void Run(bool ok) override {
     if (!ok) {
+      CallLoop* loop = loop_;
       delete this;
+      loop->RemoveCall();
       return;
     }
+    // The call counts as live until its reactor or reply is done.
+    loop_->AddCall();
     std::unique_ptr<Call> call = std::move(call_);
     Request();
     on_call_(std::move(call));
   }
 
  private:
-  CallAcceptor(RequestFunction request, CallFunction on_call)
-      : request_(std::move(request)), on_call_(std::move(on_call)) {}
+  CallAcceptor(CallLoop* loop, RequestFunction request, CallFunction on_call)
+      : loop_(loop), request_(std::move(request)), on_call_(std::move(on_call)) {}
 
   void Request() {
     call_ = std::make_unique<Call>();
-    request_(call_.get(), this);
+    call_->loop = loop_;
+    request_(call_.get(), static_cast<CallTag*>(this));
   }
 
+  CallLoop* const loop_;
   const RequestFunction request_;
   const CallFunction on_call_;
   std::unique_ptr<Call> call_;
 };
 
 // Server side of one bidirectional stream, in the shape of
-// grpc::ServerBidiReactor. At most one read and one write are in flight;
-// StartWrite and Finish may be called from any thread, and the reactions
-// run on the loop's thread, one at a time. A Finish called while a write
-// is in flight goes out after that write. OnDone runs once the finish went
-// out and no read or write is in flight; the subclass may delete itself
-// there.
+// grpc::ServerBidiReactor. At most one read and one write are in flight.
+// StartRead, StartWrite and Finish may be called from any thread, and the
+// reactions run on the loop's thread, one at a time. A Finish called while
+// a write is in flight goes out after that write. OnDone runs once the
+// finish went out and no read or write is in flight; the subclass may
+// delete itself there.
 template <class Request, class Response>
 class ServerStreamReactor {
  public:
   using Call = ServerStreamCall<Request, Response>;
 
+  // The acceptor counted the call on its loop; OnDone's return ends that.
   explicit ServerStreamReactor(std::unique_ptr<Call> call)
       : call_(std::move(call)) {}
   virtual ~ServerStreamReactor() = default;
@@ -186,7 +223,7 @@ class ServerStreamReactor {
       absl::MutexLock lock(&mu_);
       ++in_flight_;
     }
-    call_->stream.Read(request, &read_tag_);
+    call_->stream.Read(request, static_cast<CallTag*>(&read_tag_));
   }
 
   void StartWrite(const Response* response) {
@@ -195,7 +232,7 @@ class ServerStreamReactor {
       ++in_flight_;
       writing_ = true;
     }
-    call_->stream.Write(*response, &write_tag_);
+    call_->stream.Write(*response, static_cast<CallTag*>(&write_tag_));
   }
 
   // Only the first call counts.
@@ -210,7 +247,7 @@ class ServerStreamReactor {
       }
       ++in_flight_;
     }
-    call_->stream.Finish(status, &finish_tag_);
+    call_->stream.Finish(status, static_cast<CallTag*>(&finish_tag_));
   }
 
  private:
@@ -235,7 +272,9 @@ class ServerStreamReactor {
         ++in_flight_;
       }
     }
-    if (finish.has_value()) call_->stream.Finish(*finish, &finish_tag_);
+    if (finish.has_value()) {
+      call_->stream.Finish(*finish, static_cast<CallTag*>(&finish_tag_));
+    }
     EndOperation();
   }
 
@@ -255,7 +294,10 @@ class ServerStreamReactor {
       --in_flight_;
       done = finished_ && in_flight_ == 0;
     }
-    if (done) OnDone();
+    if (!done) return;
+    CallLoop* loop = call_->loop;
+    OnDone();
+    loop->RemoveCall();
   }
 
   const std::unique_ptr<Call> call_;
@@ -297,16 +339,20 @@ class ClientStreamReactor {
  protected:
   grpc::ClientContext& context() { return context_; }
 
-  // `stream` comes from the stub's PrepareAsyncX(&context(), queue), on the
-  // loop's queue.
-  void Bind(std::unique_ptr<Stream> stream) { stream_ = std::move(stream); }
+  // `stream` comes from the stub's PrepareAsyncX(&context(), loop->queue()).
+  // The reactor counts itself live on `loop` until OnDone returned.
+  void Bind(CallLoop* loop, std::unique_ptr<Stream> stream) {
+    loop_ = loop;
+    loop_->AddCall();
+    stream_ = std::move(stream);
+  }
 
   void StartCall() {
     {
       absl::MutexLock lock(&mu_);
       ++in_flight_;
     }
-    stream_->StartCall(&start_tag_);
+    stream_->StartCall(static_cast<CallTag*>(&start_tag_));
   }
 
   void StartRead(Response* response) {
@@ -318,7 +364,7 @@ class ClientStreamReactor {
         return;
       }
     }
-    stream_->Read(response, &read_tag_);
+    stream_->Read(response, static_cast<CallTag*>(&read_tag_));
   }
 
   void StartWrite(const Request* request) {
@@ -330,7 +376,7 @@ class ClientStreamReactor {
         return;
       }
     }
-    stream_->Write(*request, &write_tag_);
+    stream_->Write(*request, static_cast<CallTag*>(&write_tag_));
   }
 
   void AddHold() {
@@ -346,10 +392,17 @@ class ClientStreamReactor {
       done = Done();
       if (done) done_called_ = true;
     }
-    if (done) OnDone(status_);
+    if (done) EndReactor();
   }
 
  private:
+  // Runs OnDone, after which `this` may be gone.
+  void EndReactor() {
+    CallLoop* loop = loop_;
+    OnDone(status_);
+    loop->RemoveCall();
+  }
+
   bool Done() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     return finished_ && in_flight_ == 0 && holds_ == 0 && !done_called_;
   }
@@ -364,8 +417,10 @@ class ClientStreamReactor {
       std::swap(write, pending_write_);
     }
     // A call that failed to start fails these too.
-    if (read != nullptr) stream_->Read(read, &read_tag_);
-    if (write != nullptr) stream_->Write(*write, &write_tag_);
+    if (read != nullptr) stream_->Read(read, static_cast<CallTag*>(&read_tag_));
+    if (write != nullptr) {
+      stream_->Write(*write, static_cast<CallTag*>(&write_tag_));
+    }
     EndOperation();
   }
 
@@ -377,7 +432,7 @@ class ClientStreamReactor {
         absl::MutexLock lock(&mu_);
         ++in_flight_;
       }
-      stream_->Finish(&status_, &finish_tag_);
+      stream_->Finish(&status_, static_cast<CallTag*>(&finish_tag_));
     }
     EndOperation();
   }
@@ -404,7 +459,7 @@ class ClientStreamReactor {
       done = Done();
       if (done) done_called_ = true;
     }
-    if (done) OnDone(status_);
+    if (done) EndReactor();
   }
 
   // The stream lives in the call's memory, which the context frees, so it
@@ -412,6 +467,7 @@ class ClientStreamReactor {
   grpc::ClientContext context_;
   std::unique_ptr<Stream> stream_;
   grpc::Status status_;
+  CallLoop* loop_ = nullptr;
   MemberTag<ClientStreamReactor, &ClientStreamReactor::StartDone> start_tag_{
       this};
   MemberTag<ClientStreamReactor, &ClientStreamReactor::ReadDone> read_tag_{this};

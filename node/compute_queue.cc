@@ -9,12 +9,14 @@ namespace pollen::node {
 ComputeQueue::ComputeQueue(int max_queued)
     : max_queued_(max_queued), worker_([this] { WorkerLoop(); }) {}
 
-ComputeQueue::~ComputeQueue() {
+ComputeQueue::~ComputeQueue() { Stop(); }
+
+void ComputeQueue::Stop() {
   {
     absl::MutexLock lock(&mu_);
     stopping_ = true;
   }
-  worker_.join();
+  if (worker_.joinable()) worker_.join();
 
   // Jobs still queued only report the shutdown.
   std::deque<Job> left;

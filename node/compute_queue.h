@@ -18,8 +18,8 @@ namespace pollen::node {
 // while a job runs runs beside it, and the next job waits until no step is
 // in progress. Training therefore gets the time that inference leaves.
 //
-// Thread-safe. The destructor stops the worker after the running job and
-// calls each job still queued with `cancelled` set.
+// Thread-safe. Stop, which the destructor calls, stops the worker after
+// the running job and calls each job still queued with `cancelled` set.
 //
 // NOTE: the queue bounds the number of waiting requests, not their bytes.
 // Each waiting Forward or Backward request keeps its payload (up to 1 GiB)
@@ -31,7 +31,12 @@ class ComputeQueue {
   using Job = std::function<void(bool cancelled)>;
 
   explicit ComputeQueue(int max_queued = 64);
+  // Calls Stop.
   ~ComputeQueue();
+
+  // Waits for the running job, then calls every queued job with
+  // `cancelled` set, on this thread. Later Submits fail. Idempotent.
+  void Stop();
 
   ComputeQueue(const ComputeQueue&) = delete;
   ComputeQueue& operator=(const ComputeQueue&) = delete;

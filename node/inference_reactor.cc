@@ -374,8 +374,10 @@ void InferenceReactor::StepDone(StepSource source,
   ServiceContext* context = context_;
   const std::string address = step.push_to(0).address();
   const int next_block = session_->request.to;
-  if (!EndStepUnanswered(source)) {
-    FinishIfIdle();
+  bool finishing = false;
+  absl::Status finish;
+  if (!EndStepUnanswered(source, &finishing, &finish)) {
+    if (finishing) SendFinish(finish);
     context->pusher.Push(address, next_block, std::move(pushed));
     return;
   }
@@ -384,23 +386,18 @@ void InferenceReactor::StepDone(StepSource source,
   {
     absl::MutexLock lock(&mu_);
     read_reserved_ = false;
+    finishing = TakeFinish(&finish);
   }
-  FinishIfIdle();
+  if (finishing) SendFinish(finish);
 }
 
 void InferenceReactor::EndStep(const absl::Status& status, Reply reply) {
-  {
-    absl::MutexLock lock(&mu_);
-    running_ = StepSource::kNone;
-  }
-  if (!status.ok()) {
-    FinishOnce(status);
-    return;
-  }
-  QueueReply(std::move(reply));
+  ReplyOrFinish(status, std::move(reply), /*end_step=*/true);
 }
 
-bool InferenceReactor::EndStepUnanswered(StepSource source) {
+bool InferenceReactor::EndStepUnanswered(StepSource source,
+                                         bool* finishing,
+                                         absl::Status* finish) {
   absl::MutexLock lock(&mu_);
   running_ = StepSource::kNone;
   // A stream step used request_, and the next one may come now.
@@ -409,14 +406,26 @@ bool InferenceReactor::EndStepUnanswered(StepSource source) {
     reading_ = true;
     read_reserved_ = true;
   }
+  *finishing = !read_reserved_ && TakeFinish(finish);
   return read_reserved_;
 }
 
 void InferenceReactor::QueueReply(Reply reply) {
+  ReplyOrFinish(absl::OkStatus(), std::move(reply), /*end_step=*/false);
+}
+
+void InferenceReactor::ReplyOrFinish(const absl::Status& status, Reply reply,
+                                     bool end_step) {
   bool write = false;
+  bool finishing = false;
+  absl::Status finish;
   {
     absl::MutexLock lock(&mu_);
-    if (!finished_ && !finish_status_.has_value()) {
+    if (end_step) running_ = StepSource::kNone;
+    const bool ending = finished_ || finish_status_.has_value();
+    if (!status.ok()) {
+      if (!ending) finish_status_ = status;
+    } else if (!ending) {
       if (writing_) {
         queued_reply_ = std::move(reply);
         return;
@@ -424,12 +433,13 @@ void InferenceReactor::QueueReply(Reply reply) {
       writing_ = true;
       write = true;
     }
+    // A stream that is ending drops the reply, because no client reads it.
+    if (!write) finishing = TakeFinish(&finish);
   }
-  // A stream that is ending drops the reply, because no client reads it.
   if (write) {
     WriteReply(std::move(reply));
-  } else {
-    FinishIfIdle();
+  } else if (finishing) {
+    SendFinish(finish);
   }
 }
 
@@ -446,11 +456,15 @@ void InferenceReactor::WriteReply(Reply reply) {
     });
   }
   if (!status.ok()) {
+    bool finishing = false;
+    absl::Status finish;
     {
       absl::MutexLock lock(&mu_);
       writing_ = false;
+      if (!finished_ && !finish_status_.has_value()) finish_status_ = status;
+      finishing = TakeFinish(&finish);
     }
-    FinishOnce(status);
+    if (finishing) SendFinish(finish);
     return;
   }
   response_.set_position(reply.position);
@@ -516,20 +530,29 @@ bool InferenceReactor::FinishIfIdle() {
   absl::Status status;
   {
     absl::MutexLock lock(&mu_);
-    if (finished_ || !finish_status_.has_value() ||
-        running_ != StepSource::kNone || writing_ || read_reserved_) {
-      return false;
-    }
-    finished_ = true;
-    status = *finish_status_;
+    if (!TakeFinish(&status)) return false;
   }
+  SendFinish(status);
+  return true;
+}
+
+bool InferenceReactor::TakeFinish(absl::Status* status) {
+  if (finished_ || !finish_status_.has_value() ||
+      running_ != StepSource::kNone || writing_ || read_reserved_) {
+    return false;
+  }
+  finished_ = true;
+  *status = *finish_status_;
+  return true;
+}
+
+void InferenceReactor::SendFinish(const absl::Status& status) {
   if (!status.ok()) {
     POLLEN_LOG_WARN("session {} from {}: {}",
                     session_ ? session_->request.session_id : "(not open)",
                     peer_, status.ToString());
   }
   Finish(ToGrpcStatus(status));
-  return true;
 }
 
 absl::Status InferenceReactor::HandleOpen(const v1::InferenceOpen& open) {

@@ -142,11 +142,19 @@ class InferenceReactor final
 
   // Ends the running step with no reply: its output went to the next node.
   // Returns true when the caller must start the next read, which holds off
-  // the finish until read_reserved_ is cleared.
-  bool EndStepUnanswered(StepSource source);
+  // the finish until read_reserved_ is cleared. Otherwise sets `finishing`
+  // when the caller must finish the stream with `finish` (SendFinish).
+  bool EndStepUnanswered(StepSource source, bool* finishing,
+                         absl::Status* finish);
 
   // Writes `reply` now, or after the write in progress.
   void QueueReply(Reply reply);
+
+  // Ends the running step when `end_step`, then writes or queues `reply`,
+  // or records a failed `status` and finishes when nothing is in flight.
+  // One critical section decides, because once the step has ended another
+  // thread may finish the stream and delete `this`.
+  void ReplyOrFinish(const absl::Status& status, Reply reply, bool end_step);
 
   // Moves `reply` into response_ and writes it.
   void WriteReply(Reply reply);
@@ -159,8 +167,19 @@ class InferenceReactor final
   void FinishOnce(const absl::Status& status);
 
   // Calls Finish when a finish is due and nothing is in flight. Returns
-  // true when it did. Called without mu_.
+  // true when it did. Called without mu_, only while something keeps the
+  // reactor alive (a callback in progress, or a step or write of this
+  // thread).
   bool FinishIfIdle();
+
+  // Marks the stream finished and returns true, with the status to send,
+  // when a finish is due and nothing is in flight. The caller then calls
+  // SendFinish, and no other thread can finish or delete the reactor
+  // before that.
+  bool TakeFinish(absl::Status* status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  // Logs a failed `status` and finishes the stream with it.
+  void SendFinish(const absl::Status& status);
 
   ServiceContext* const context_;
   const std::string peer_;

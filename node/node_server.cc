@@ -38,6 +38,8 @@ namespace {
 
 // How long streams that hold no session may go on after the drain.
 constexpr absl::Duration kShutdownGrace = absl::Seconds(1);
+// How long a stopping node waits for its cancelled calls to end.
+constexpr absl::Duration kCallsEndTimeout = absl::Seconds(10);
 // Maximum wait for the DHT to store the offline record at shutdown. Peers
 // on loopback store it in milliseconds, and the record is advice: clients
 // that miss it find the node gone and fail over.
@@ -258,7 +260,7 @@ absl::StatusOr<std::unique_ptr<CallLoop>> StartServer(
         "; is the port in use? Pick another with --port"));
   }
   auto loop = std::make_unique<CallLoop>(std::move(server), std::move(queue));
-  service.StartAccepting(loop->queue());
+  service.StartAccepting(loop.get());
   loop->Start();
   return loop;
 }
@@ -432,7 +434,7 @@ absl::Status RunNode(const NodeOptions& options) {
   int bound_port = 0;
   POLLEN_ASSIGN_OR_RETURN(std::unique_ptr<CallLoop> calls,
                           StartServer(options, service, &bound_port));
-  context.pusher.SetCompletionQueue(calls->queue());
+  context.pusher.SetCallLoop(calls.get());
   const std::string address = absl::StrCat(options.announce_host, ":", bound_port);
 
   POLLEN_LOG_INFO("node {} serving {} blocks {}:{} at {}, DHT port {}",
@@ -506,7 +508,15 @@ absl::Status RunNode(const NodeOptions& options) {
   withdraw.join();
   prober.Stop();
   context.pusher.Shutdown();
-  calls->Stop(kShutdownGrace);
+
+  // Calls still open are cancelled after the grace. Their reactors, and
+  // training jobs still queued, end on the loop before its queue shuts.
+  calls->ShutdownServer(kShutdownGrace);
+  context.compute.Stop();
+  calls->Stop(kCallsEndTimeout);
+  // A pass may still be returning from its last step's callback, and it
+  // reads the context, which goes before the sessions.
+  sessions.batcher().WaitIdle();
   registry.reset();
   POLLEN_LOG_INFO("node {} stopped", context.node_id);
   return absl::OkStatus();

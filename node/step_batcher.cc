@@ -101,13 +101,18 @@ StepBatcher::StepBatcher(StepBatcherOptions options)
       worker_([this] { WorkerLoop(); }) {}
 
 StepBatcher::~StepBatcher() {
+  WaitIdle();
   {
     absl::MutexLock lock(&mu_);
-    mu_.Await(absl::Condition(
-        +[](bool* running) { return !*running; }, &running_));
     stopping_ = true;
   }
   worker_.join();
+}
+
+void StepBatcher::WaitIdle() const {
+  absl::MutexLock lock(&mu_);
+  mu_.Await(absl::Condition(
+      +[](const bool* running) { return !*running; }, &running_));
 }
 
 void StepBatcher::WorkerLoop() {
@@ -169,22 +174,26 @@ void StepBatcher::RunUntilIdle(bool may_wait) {
       const absl::Duration round = RoundTime();
       const size_t expected =
           ActiveSessions(absl::Now(), key.from, key.to, round);
-      if (active.size() < expected && !may_wait) {
+      const absl::Duration gather_wait = GatherWait(key.from, round);
+      const bool waits =
+          active.size() < expected && gather_wait > absl::ZeroDuration();
+      if (waits && !may_wait) {
+        // The batcher's thread waits instead, while this one goes on
+        // receiving steps.
         for (auto it = active.rbegin(); it != active.rend(); ++it) {
           queued_.push_front(std::move(*it));
         }
         worker_turn_ = true;
         return;
       }
-      if (active.size() < expected) {
+      if (waits) {
         const size_t steps_taken = active.size();
         auto arrived = [this, steps_taken, expected]()
                            ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
                              return steps_taken + queued_.size() >= expected;
                            };
         const absl::Time wait_start = absl::Now();
-        mu_.AwaitWithTimeout(absl::Condition(&arrived),
-                             GatherWait(key.from, round));
+        mu_.AwaitWithTimeout(absl::Condition(&arrived), gather_wait);
         for (auto& pending : queued_) active.push_back(std::move(pending));
         queued_.clear();
         POLLEN_LOG_DEBUG(

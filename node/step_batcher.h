@@ -102,6 +102,9 @@ class StepBatcher {
   // closed. Unknown sessions are ignored.
   void Forget(const Session* session);
 
+  // Waits until no pass runs and no step is queued.
+  void WaitIdle() const;
+
   const StepBatcherOptions& options() const { return options_; }
 
   // Forward passes run so far (chunks and batches count once each).
@@ -177,7 +180,7 @@ class StepBatcher {
   const StepBatcherOptions options_;
   std::atomic<int64_t> passes_run_{0};
 
-  absl::Mutex mu_;
+  mutable absl::Mutex mu_;
   absl::Duration last_pass_time_ ABSL_GUARDED_BY(mu_) = absl::ZeroDuration();
   // Sessions by identity. An entry whose session expired is stale.
   std::map<const Session*, Activity> activity_ ABSL_GUARDED_BY(mu_);

@@ -60,11 +60,11 @@ class StepPusher::Stream final
     : public ClientStreamReactor<v1::PushRequest, v1::PushRejection> {
  public:
   Stream(StepPusher* owner, std::string address,
-         std::shared_ptr<grpc::Channel> channel, grpc::CompletionQueue* queue)
+         std::shared_ptr<grpc::Channel> channel, CallLoop* loop)
       : owner_(owner),
         address_(std::move(address)),
         stub_(v1::BlockService::NewStub(std::move(channel))),
-        queue_(queue) {}
+        loop_(loop) {}
 
   const std::string& address() const { return address_; }
 
@@ -77,7 +77,7 @@ class StepPusher::Stream final
   // Until then Enqueue only queues, since writes need the bound call.
   void Start() {
     POLLEN_LOG_DEBUG("opening a push stream to {}", address_);
-    Bind(stub_->PrepareAsyncPushSteps(&context(), queue_));
+    Bind(loop_, stub_->PrepareAsyncPushSteps(&context(), loop_->queue()));
     AddHold();
     StartRead(&rejection_);
     StartCall();
@@ -248,7 +248,7 @@ class StepPusher::Stream final
   StepPusher* const owner_;
   const std::string address_;
   const std::unique_ptr<v1::BlockService::Stub> stub_;
-  grpc::CompletionQueue* const queue_;
+  CallLoop* const loop_;
   v1::PushRejection rejection_;
 
   absl::Mutex mu_;
@@ -291,9 +291,9 @@ void StepPusher::SetTargetCheck(PushTargetCheck check) {
   check_ = std::move(check);
 }
 
-void StepPusher::SetCompletionQueue(grpc::CompletionQueue* queue) {
+void StepPusher::SetCallLoop(CallLoop* loop) {
   absl::MutexLock lock(&mu_);
-  queue_ = queue;
+  loop_ = loop;
 }
 
 void StepPusher::Push(const std::string& address, int block,
@@ -302,10 +302,10 @@ void StepPusher::Push(const std::string& address, int block,
   bool start = false;
   {
     absl::MutexLock lock(&mu_);
-    if (!shut_down_ && queue_ != nullptr) {
+    if (!shut_down_ && loop_ != nullptr) {
       auto it = streams_.find(address);
       if (it == streams_.end()) {
-        stream = new Stream(this, address, channels_.Get(address), queue_);
+        stream = new Stream(this, address, channels_.Get(address), loop_);
         streams_[address] = stream;
         ++live_streams_;
         if (check_) {

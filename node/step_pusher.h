@@ -98,9 +98,9 @@ class StepPusher {
   // Push.
   void SetTargetCheck(PushTargetCheck check);
 
-  // Sets the queue of the streams, which a CallLoop drives. Until it is
-  // set, every push fails with UNAVAILABLE.
-  void SetCompletionQueue(grpc::CompletionQueue* queue);
+  // Sets the loop that drives the streams. Until it is set, every push
+  // fails with UNAVAILABLE.
+  void SetCallLoop(CallLoop* loop);
 
   // Queues `pushed` for the node at `address`, whose session starts at
   // `block`, and returns without waiting for the network.
@@ -131,7 +131,7 @@ class StepPusher {
   ChannelPool channels_;
 
   absl::Mutex mu_;
-  grpc::CompletionQueue* queue_ ABSL_GUARDED_BY(mu_) = nullptr;
+  CallLoop* loop_ ABSL_GUARDED_BY(mu_) = nullptr;
   // Open streams by address. A stream that broke leaves the map at once,
   // and lives on until gRPC is done with it.
   std::map<std::string, Stream*> streams_ ABSL_GUARDED_BY(mu_);

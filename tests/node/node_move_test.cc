@@ -255,5 +255,37 @@ TEST(NodeShutdown, SigtermDrainsOpenSession) {
   EXPECT_LT(absl::Now() - closed, absl::Seconds(10));
 }
 
+// A call still open when the node stops is cancelled, and its end runs
+// on the node's call loop before the loop's queue shuts: the node exits
+// with status 0, not an abort.
+TEST(NodeShutdown, SigtermEndsOpenTrainingCall) {
+  LocalSwarm swarm;
+  auto index = swarm.StartNode(Stories260kDir(), "stop-training", 0, 5,
+                               {"--throughput", "1"});
+  ASSERT_TRUE(index.ok()) << index.status();
+  NodeHandle& node = swarm.node(*index);
+  auto stub = StubFor(node.address);
+
+  // A Forward call that has sent part of its request and waits.
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() +
+                       std::chrono::seconds(30));
+  auto stream = stub->Forward(&context);
+  v1::PayloadChunk chunk;
+  chunk.set_data("partial request");
+  chunk.set_last(false);
+  ASSERT_TRUE(stream->Write(chunk));
+  absl::SleepFor(absl::Milliseconds(200));
+
+  node.process.Signal(SIGTERM);
+  const int status = node.process.Wait(absl::Seconds(15));
+  ASSERT_TRUE(WIFEXITED(status)) << "wait status " << status << "\n"
+                                 << node.process.LogTail();
+  EXPECT_EQ(WEXITSTATUS(status), 0) << node.process.LogTail();
+
+  stream->WritesDone();
+  EXPECT_FALSE(stream->Finish().ok());
+}
+
 }  // namespace
 }  // namespace pollen::testing
