@@ -70,11 +70,14 @@ class Client::Impl {
     chain_options.compression = compression;
     chain_options.reroute = [this, max_length](
                                 int start, int end,
-                                const std::set<std::string>& excluded) {
+                                const std::set<std::string>& excluded,
+                                bool wait_for_nodes) {
       scheduler::RouteOptions route_options;
       route_options.excluded_nodes = excluded;
-      return swarm->FindRoute(model_id, start, end, options.discovery_wait,
-                              route_options, max_length);
+      return swarm->FindRoute(
+          model_id, start, end,
+          wait_for_nodes ? options.discovery_wait : absl::ZeroDuration(),
+          route_options, max_length);
     };
     chain_options.on_node_failure = [this](const std::string& node_id) {
       swarm->ReportFailure(node_id);

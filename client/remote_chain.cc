@@ -186,7 +186,8 @@ InferenceChain::OpenAndReplay(const std::vector<scheduler::RouteHop>& route,
   return hops;
 }
 
-absl::Status InferenceChain::ReplaceHop(size_t index, const std::string& reason) {
+absl::Status InferenceChain::ReplaceHop(size_t index, const std::string& reason,
+                                        bool wait_for_nodes) {
   if (!options_.reroute) {
     return absl::UnavailableError(absl::StrCat(
         "no way to replace a failed node: ", reason));
@@ -199,7 +200,7 @@ absl::Status InferenceChain::ReplaceHop(size_t index, const std::string& reason)
 
   absl::Status last_error;
   for (int attempt = 0; attempt < options_.max_failovers_per_step; ++attempt) {
-    auto route = options_.reroute(start, end, excluded_nodes_);
+    auto route = options_.reroute(start, end, excluded_nodes_, wait_for_nodes);
     if (!route.ok()) {
       return absl::Status(route.status().code(),
                           absl::StrCat("cannot replace ",
@@ -411,17 +412,23 @@ absl::StatusOr<at::Tensor> InferenceChain::Step(const at::Tensor& hidden) {
 }
 
 void InferenceChain::MigrateDrainingHops() {
+  if (absl::Now() < next_drain_move_) return;
   for (size_t i = 0; i < hops_.size(); ++i) {
     if (!hops_[i]->draining) continue;
     // Not a failure: the node asked to be left, so it is only excluded here.
     excluded_nodes_.insert(hops_[i]->route_hop.server.node_id);
     const std::string node = DescribeHop(hops_[i]->route_hop);
-    const absl::Status moved = ReplaceHop(i, "the node is draining");
+    const absl::Status moved =
+        ReplaceHop(i, "the node is draining", /*wait_for_nodes=*/false);
     if (!moved.ok()) {
-      // The old node keeps serving until its drain timeout; try again after
-      // the next step.
-      POLLEN_LOG_WARN("session {}: cannot move off draining {}: {}",
-                      session_id_, node, moved.ToString());
+      // The old node keeps serving until its drain timeout, so the session
+      // goes on there rather than wait for a new node.
+      next_drain_move_ = absl::Now() + kDrainingRetryInterval;
+      POLLEN_LOG_WARN("session {}: cannot move off draining {} yet, staying "
+                      "on it and looking again in {}: {}",
+                      session_id_, node,
+                      absl::FormatDuration(kDrainingRetryInterval),
+                      moved.ToString());
     }
   }
 }

@@ -29,9 +29,12 @@
 
 namespace pollen::client {
 
-// Finds nodes for blocks [start, end) that are not in `excluded`.
+// Finds nodes for blocks [start, end) that are not in `excluded`. With
+// `wait_for_nodes` false it looks once and does not wait for more nodes to
+// appear.
 using RerouteFunction = std::function<absl::StatusOr<std::vector<scheduler::RouteHop>>(
-    int start, int end, const std::set<std::string>& excluded)>;
+    int start, int end, const std::set<std::string>& excluded,
+    bool wait_for_nodes)>;
 
 struct ChainOptions {
   std::string model_id;
@@ -122,15 +125,20 @@ class InferenceChain {
   absl::Status RestartHop(size_t index);
   // Replaces hop `index` with nodes found by options_.reroute (one or more
   // hops over the same blocks), replaying its kept inputs into them.
-  absl::Status ReplaceHop(size_t index, const std::string& reason);
+  absl::Status ReplaceHop(size_t index, const std::string& reason,
+                          bool wait_for_nodes = true);
   // Opens `route` and replays `history` [batch, position, hidden] through
   // it. Returns the new hops, or the first error with the node that failed
   // in `failed_node`.
   absl::StatusOr<std::vector<std::unique_ptr<Hop>>> OpenAndReplay(
       const std::vector<scheduler::RouteHop>& route, const at::Tensor& history,
       std::string* failed_node);
-  // Moves hops whose node announced draining to other nodes.
+  // Moves hops whose node announced draining to nodes that are known now.
+  // When none is, the session goes on through the draining node, which
+  // serves it until its drain timeout, and looks again after
+  // kDrainingRetryInterval.
   void MigrateDrainingHops();
+  static constexpr absl::Duration kDrainingRetryInterval = absl::Seconds(5);
   void RecordFailure(const std::string& node_id);
 
   ChannelPool& channels_;
@@ -141,6 +149,8 @@ class InferenceChain {
   std::set<std::string> excluded_nodes_;
   int64_t position_ = 0;
   int failovers_ = 0;
+  // No move off a draining node is tried before this time.
+  absl::Time next_drain_move_ = absl::InfinitePast();
   // Set after a push failed, so that the session relays from then on.
   bool push_stopped_ = false;
   int streams_opened_ = 0;

@@ -318,5 +318,45 @@ TEST_F(FailoverTest, LosingEveryNodeOfBlockNamesIt) {
   EXPECT_LT(absl::Now() - started, absl::Seconds(60));
 }
 
+// A draining node that alone serves its blocks keeps serving the session
+// until its drain timeout, so the client stays on it instead of waiting
+// for a replacement that does not come.
+TEST(DrainingOnlyNode, SessionFinishesOnDrainingNode) {
+  LocalSwarm swarm;
+  auto index = swarm.StartNode(Stories260kDir(), "drain-only", 0, 5,
+                               {"--drain-timeout-s", "30"});
+  ASSERT_TRUE(index.ok()) << index.status();
+  ClientOptions options;
+  options.model_dir = Stories260kDir();
+  options.model_id = "drain-only";
+  options.initial_peers = {swarm.peer()};
+  options.discovery_wait = absl::Seconds(10);
+  options.step_timeout = absl::Seconds(10);
+  auto client = Client::Connect(options);
+  ASSERT_TRUE(client.ok()) << client.status();
+
+  GenerationOptions generation;
+  generation.max_new_tokens = 48;
+  generation.stop_at_eos = false;
+  auto reference = (*client)->GenerateFromIds(kStoriesPromptIds, generation);
+  ASSERT_TRUE(reference.ok()) << reference.status();
+
+  int tokens = 0;
+  auto on_text = [&](const std::string&) {
+    if (++tokens == 5) swarm.node(*index).process.Signal(SIGTERM);
+  };
+  const absl::Time started = absl::Now();
+  auto result =
+      (*client)->GenerateFromIds(kStoriesPromptIds, generation, on_text);
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->new_ids, reference->new_ids);
+  // Waiting for a replacement would take the 10 s discovery wait.
+  EXPECT_LT(absl::Now() - started, absl::Seconds(8));
+
+  // With its session closed, the node exits long before its drain timeout.
+  EXPECT_EQ(swarm.node(*index).process.Wait(absl::Seconds(15)), 0)
+      << swarm.node(*index).process.LogTail();
+}
+
 }  // namespace
 }  // namespace pollen::testing
