@@ -99,11 +99,11 @@ absl::StatusOr<std::unique_ptr<BlockSpan>> BlockSpan::Load(
 
   std::unique_ptr<BlockSpan> span(new BlockSpan(
       start, end, config, dtype, device, quantization, std::move(blocks)));
-  POLLEN_LOG_INFO("Loaded blocks [{}, {}) of {}: {} bytes of weights "
-                  "computing in {} (quantization {}) on {}",
-                  start, end, checkpoint.dir(), span->ParameterBytes(),
-                  DtypeName(dtype), QuantizationName(quantization),
-                  device.str());
+  POLLEN_LOG_DEBUG("Loaded blocks [{}, {}) of {}: {} bytes of weights "
+                   "computing in {} (quantization {}) on {}",
+                   start, end, checkpoint.dir(), span->ParameterBytes(),
+                   DtypeName(dtype), QuantizationName(quantization),
+                   device.str());
   return span;
 }
 
