@@ -381,6 +381,11 @@ int main(int argc, char** argv) {
   // The bench warns after it restarted itself, so that the warning shows
   // once.
   if (command != "bench") WarnIfPushHasNoEffect(command);
+  const bool takes_prompt = command == "generate" || command == "local-swarm";
+  if (takes_prompt && absl::GetFlag(FLAGS_prompt).empty()) {
+    std::cerr << "note: no --prompt given; generating from the "
+                 "beginning-of-sequence token alone\n";
+  }
 
   if (command == "node") return RunNode();
   if (command == "make-checkpoint") {

@@ -55,6 +55,17 @@ TEST(Cli, PushWithOneNodeWarns) {
       << result.stderr_text;
 }
 
+TEST(Cli, MissingPromptIsNoted) {
+  const CommandResult result = RunCommand(
+      {PollenBinary(), "local-swarm", "--model", Stories260kDir(), "--nodes",
+       "1", "--max-new-tokens", "4"});
+  ASSERT_EQ(result.exit_code, 0) << result.stderr_text;
+  EXPECT_NE(result.stderr_text.find("note: no --prompt given"),
+            std::string::npos)
+      << result.stderr_text;
+  EXPECT_FALSE(result.stdout_text.empty());
+}
+
 TEST(Cli, PushOnMakeCheckpointWarns) {
   TempDir dir;
   const CommandResult result = RunCommand(
