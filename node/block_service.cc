@@ -106,6 +106,31 @@ bool IsLoopbackPeer(const std::string& peer) {
   return false;
 }
 
+namespace {
+
+// Returns the function that posts a request for the next call of a
+// streaming method, where `request` is the method's RequestX member of
+// the generated AsyncService.
+template <class Call, class Service, class RequestMethod>
+typename CallAcceptor<Call>::RequestFunction StreamRequest(
+    Service* service, RequestMethod request, grpc::ServerCompletionQueue* queue) {
+  return [service, request, queue](Call* call, void* tag) {
+    (service->*request)(&call->context, &call->stream, queue, queue, tag);
+  };
+}
+
+// As StreamRequest, for a unary method.
+template <class Call, class Service, class RequestMethod>
+typename CallAcceptor<Call>::RequestFunction UnaryRequest(
+    Service* service, RequestMethod request, grpc::ServerCompletionQueue* queue) {
+  return [service, request, queue](Call* call, void* tag) {
+    (service->*request)(&call->context, &call->request, &call->responder,
+                        queue, queue, tag);
+  };
+}
+
+}  // namespace
+
 void BlockServiceImpl::StartAccepting(CallLoop* loop) {
   grpc::ServerCompletionQueue* queue = loop->queue();
   using InferenceCall =
@@ -115,46 +140,42 @@ void BlockServiceImpl::StartAccepting(CallLoop* loop) {
 
   // Each reactor deletes itself in OnDone.
   CallAcceptor<InferenceCall>::Start(
-      loop, [this, queue](InferenceCall* call, void* tag) {
-        RequestInference(&call->context, &call->stream, queue, queue, tag);
-      },
+      loop,
+      StreamRequest<InferenceCall>(this, &BlockServiceImpl::RequestInference,
+                                   queue),
       [this](std::unique_ptr<InferenceCall> call) {
         new InferenceReactor(context_, std::move(call));
       });
   CallAcceptor<PushCall>::Start(
-      loop, [this, queue](PushCall* call, void* tag) {
-        RequestPushSteps(&call->context, &call->stream, queue, queue, tag);
-      },
+      loop,
+      StreamRequest<PushCall>(this, &BlockServiceImpl::RequestPushSteps, queue),
       [this](std::unique_ptr<PushCall> call) {
         new PushReceiver(context_, std::move(call));
       });
   CallAcceptor<TrainingCall>::Start(
-      loop, [this, queue](TrainingCall* call, void* tag) {
-        RequestForward(&call->context, &call->stream, queue, queue, tag);
-      },
+      loop,
+      StreamRequest<TrainingCall>(this, &BlockServiceImpl::RequestForward,
+                                  queue),
       [this](std::unique_ptr<TrainingCall> call) {
         new TrainingReactor(context_, TrainingReactor::Kind::kForward,
                             std::move(call));
       });
   CallAcceptor<TrainingCall>::Start(
-      loop, [this, queue](TrainingCall* call, void* tag) {
-        RequestBackward(&call->context, &call->stream, queue, queue, tag);
-      },
+      loop,
+      StreamRequest<TrainingCall>(this, &BlockServiceImpl::RequestBackward,
+                                  queue),
       [this](std::unique_ptr<TrainingCall> call) {
         new TrainingReactor(context_, TrainingReactor::Kind::kBackward,
                             std::move(call));
       });
+
   CallAcceptor<InfoCall>::Start(
-      loop, [this, queue](InfoCall* call, void* tag) {
-        RequestInfo(&call->context, &call->request, &call->responder, queue,
-                    queue, tag);
-      },
+      loop, UnaryRequest<InfoCall>(this, &BlockServiceImpl::RequestInfo, queue),
       [this](std::unique_ptr<InfoCall> call) { Info(std::move(call)); });
   CallAcceptor<MoveBlocksCall>::Start(
-      loop, [this, queue](MoveBlocksCall* call, void* tag) {
-        RequestMoveBlocks(&call->context, &call->request, &call->responder,
-                          queue, queue, tag);
-      },
+      loop,
+      UnaryRequest<MoveBlocksCall>(this, &BlockServiceImpl::RequestMoveBlocks,
+                                   queue),
       [this](std::unique_ptr<MoveBlocksCall> call) {
         MoveBlocks(std::move(call));
       });

@@ -8,10 +8,7 @@ CallLoop::CallLoop(std::unique_ptr<grpc::Server> server,
                    std::unique_ptr<grpc::ServerCompletionQueue> queue)
     : server_(std::move(server)), queue_(std::move(queue)) {}
 
-CallLoop::~CallLoop() {
-  ShutdownServer(absl::ZeroDuration());
-  Stop(absl::Seconds(10));
-}
+CallLoop::~CallLoop() { Stop(absl::Seconds(10)); }
 
 void CallLoop::Start() {
   thread_ = std::thread([this] { Run(); });
@@ -60,11 +57,7 @@ void CallLoop::Stop(absl::Duration timeout) {
   }
 
   queue_->Shutdown();
-  if (thread_.joinable()) {
-    thread_.join();
-  } else {
-    Run();
-  }
+  if (thread_.joinable()) thread_.join();
   POLLEN_LOG_DEBUG("call loop stopped");
 }
 

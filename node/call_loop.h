@@ -61,7 +61,8 @@ class CallLoop {
  public:
   CallLoop(std::unique_ptr<grpc::Server> server,
            std::unique_ptr<grpc::ServerCompletionQueue> queue);
-  // Shuts the server down with no grace and calls Stop.
+  // Calls Stop with a 10 s timeout, which cancels open calls at once
+  // unless ShutdownServer ran before.
   ~CallLoop();
 
   CallLoop(const CallLoop&) = delete;

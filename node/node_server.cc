@@ -515,7 +515,7 @@ absl::Status RunNode(const NodeOptions& options) {
   context.compute.Stop();
   calls->Stop(kCallsEndTimeout);
   // A pass may still be returning from its last step's callback, and it
-  // reads the context, which goes before the sessions.
+  // reads the context, which is destroyed before the sessions.
   sessions.batcher().WaitIdle();
   registry.reset();
   POLLEN_LOG_INFO("node {} stopped", context.node_id);

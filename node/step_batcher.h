@@ -51,14 +51,14 @@ struct StepBatcherOptions {
   int64_t max_pass_tokens = 512;
 };
 
-// Thread-safe, and Submit never waits for other sessions. A Submit that
-// finds no pass running runs passes itself until nothing is queued, while
-// Submits from other threads only queue their task. A pass takes the steps
-// that are queued when it starts, so one session runs with no wait and
-// concurrent sessions share passes. When a pass has to wait for steps (see
-// below), the batcher's own thread takes over the waiting and the passes
-// after it, because the submitting thread is usually the node's call loop,
-// which must go on receiving the steps the pass waits for.
+// Thread-safe. Submit never blocks waiting for other sessions' steps. A
+// Submit that finds no pass running runs passes itself until nothing is
+// queued, while Submits from other threads only queue their task. A pass
+// takes the steps that are queued when it starts, so one session runs with
+// no wait and concurrent sessions share passes. When a pass has to wait
+// for steps (see below), the batcher's own thread takes over the waiting
+// and the passes after it. The submitting thread is usually the node's
+// call loop, which must go on receiving the steps the pass waits for.
 //
 // Concurrent sessions drift apart: each pass takes the steps that happen
 // to be there, and the others wait for the next pass. So when sessions

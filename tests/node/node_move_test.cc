@@ -256,8 +256,8 @@ TEST(NodeShutdown, SigtermDrainsOpenSession) {
 }
 
 // A call still open when the node stops is cancelled, and its end runs
-// on the node's call loop before the loop's queue shuts: the node exits
-// with status 0, not an abort.
+// on the node's call loop before the loop's queue shuts down. So the node
+// exits with status 0 instead of aborting.
 TEST(NodeShutdown, SigtermEndsOpenTrainingCall) {
   LocalSwarm swarm;
   auto index = swarm.StartNode(Stories260kDir(), "stop-training", 0, 5,
