@@ -125,6 +125,15 @@ at::Tensor IdsToTensor(const std::vector<int>& ids) {
 
 }  // namespace
 
+absl::Status ValidateGenerationOptions(const GenerationOptions& options) {
+  POLLEN_RETURN_IF_ERROR(client::ValidateSamplingOptions(options.sampling));
+  if (options.max_new_tokens < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "max_new_tokens must be at least 1, got ", options.max_new_tokens));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status Client::Impl::LoadAdapter() {
   POLLEN_ASSIGN_OR_RETURN(
       client::AdapterSet loaded,
@@ -163,12 +172,8 @@ absl::StatusOr<GenerationResult> Client::Impl::Continue(
     InferenceChain& chain, std::vector<int>& history,
     const std::vector<int>& input_ids, int64_t max_length,
     const GenerationOptions& options, const TextCallback& on_text) {
-  POLLEN_RETURN_IF_ERROR(client::ValidateSamplingOptions(options.sampling));
+  POLLEN_RETURN_IF_ERROR(ValidateGenerationOptions(options));
   POLLEN_RETURN_IF_ERROR(ValidateIds(input_ids, config().vocab_size));
-  if (options.max_new_tokens < 1) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "max_new_tokens must be at least 1, got ", options.max_new_tokens));
-  }
   if (input_ids.empty()) {
     return absl::InvalidArgumentError("nothing to feed: the input has no tokens");
   }
@@ -283,11 +288,7 @@ absl::StatusOr<GenerationResult> Client::GenerateFromIds(
     const std::vector<int>& prompt_ids, const GenerationOptions& options,
     const TextCallback& on_text) {
   // Check the request before any node reserves cache for it.
-  POLLEN_RETURN_IF_ERROR(client::ValidateSamplingOptions(options.sampling));
-  if (options.max_new_tokens < 1) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "max_new_tokens must be at least 1, got ", options.max_new_tokens));
-  }
+  POLLEN_RETURN_IF_ERROR(ValidateGenerationOptions(options));
   const int64_t limit = impl_->config().max_position_embeddings;
   const int64_t prefix = impl_->prefix_length();
   const int64_t max_length =

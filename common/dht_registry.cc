@@ -25,6 +25,7 @@
 #include "common/dht_udp_socket.h"
 #include "common/identity.h"
 #include "common/logging.h"
+#include "common/peer_address.h"
 #include "common/status_util.h"
 
 namespace pollen {
@@ -88,31 +89,6 @@ std::shared_ptr<dht::Logger> MakeOpenDhtLogger() {
   };
   return std::make_shared<dht::Logger>(dht::LogMethod(log), dht::LogMethod(log),
                                        dht::LogMethod());
-}
-
-// Splits "host:port" into host and port. IPv6 literals ("[::1]:4222") are
-// rejected because the registry binds IPv4 only.
-absl::StatusOr<std::pair<std::string, std::string>> SplitHostPort(
-    const std::string& address) {
-  if (!address.empty() && address.front() == '[') {
-    return absl::InvalidArgumentError(
-        absl::StrCat("bootstrap peer '", address,
-                     "' is an IPv6 address; the DHT runs over IPv4 only"));
-  }
-
-  const size_t colon = address.rfind(':');
-  const std::string host =
-      colon == std::string::npos ? "" : address.substr(0, colon);
-  const std::string port =
-      colon == std::string::npos ? "" : address.substr(colon + 1);
-  int port_number = 0;
-  if (host.empty() || !absl::SimpleAtoi(port, &port_number) ||
-      port_number <= 0 || port_number > 65535) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "bootstrap peer '", address,
-        "' is not host:port with a port in [1, 65535], e.g. 127.0.0.1:4222"));
-  }
-  return std::make_pair(host, port);
 }
 
 uint64_t RandomValueId() {
@@ -344,7 +320,7 @@ absl::StatusOr<std::unique_ptr<DhtRegistry>> DhtRegistry::Start(
   }
   std::vector<std::pair<std::string, std::string>> peers;
   for (const std::string& address : options.bootstrap) {
-    POLLEN_ASSIGN_OR_RETURN(auto peer, SplitHostPort(address));
+    POLLEN_ASSIGN_OR_RETURN(auto peer, SplitPeerAddress(address));
     peers.push_back(std::move(peer));
   }
 

@@ -99,6 +99,8 @@ absl::StatusOr<std::vector<TimedRun>> RunRepeated(
   for (int i = 0; i < repetitions; ++i) {
     POLLEN_ASSIGN_OR_RETURN(TimedRun run,
                             RunOnce(head, make_runner, prompt_ids, decode_steps));
+    POLLEN_LOG_INFO("run {} of {}: prefill {:.3f} s, decode {:.3f} s", i + 1,
+                    repetitions, run.prefill_seconds, run.decode_seconds);
     runs.push_back(std::move(run));
   }
   return runs;

@@ -19,6 +19,7 @@
 #include "common/activation_compression.h"
 #include "common/dtype.h"
 #include "common/logging.h"
+#include "common/peer_address.h"
 #include "node/quantized_linear.h"
 
 // Model and swarm.
@@ -376,6 +377,29 @@ int main(int argc, char** argv) {
     std::cerr << "error: pollen " << command
               << " needs --initial-peers HOST:PORT of a swarm member\n";
     return 2;
+  }
+
+  // Invalid values exit with code 2 here, like the flag errors above,
+  // instead of failing after the wait for the swarm.
+  const bool generates = command == "generate" || command == "chat" ||
+                         command == "local-swarm";
+  if (generates) {
+    const absl::Status valid =
+        pollen::ValidateGenerationOptions(GenerateOptionsFromFlags().generation);
+    if (!valid.ok()) {
+      std::cerr << "error: --" << valid.message() << "\n";
+      return 2;
+    }
+  }
+  const bool joins_swarm = needs_peers || command == "node" || command == "finetune";
+  if (joins_swarm) {
+    for (const std::string& peer : SplitPeers(absl::GetFlag(FLAGS_initial_peers))) {
+      const auto valid = pollen::SplitPeerAddress(peer);
+      if (!valid.ok()) {
+        std::cerr << "error: --initial-peers: " << valid.status().message() << "\n";
+        return 2;
+      }
+    }
   }
 
   // The bench warns after it restarted itself, so that the warning shows

@@ -6,6 +6,8 @@
 
 #include <sstream>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -53,6 +55,29 @@ TEST(Cli, PushWithOneNodeWarns) {
                 "warning: --push has no effect with --nodes 1"),
             std::string::npos)
       << result.stderr_text;
+}
+
+// Bad values fail before the client waits for a swarm. Nothing listens on
+// the peer below, so an error about that peer would mean a late check.
+TEST(Cli, BadGenerationFlagsExitTwo) {
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"--temperature=-1", "--temperature -1 is invalid"},
+      {"--top-k=-3", "--top_k -3 is invalid"},
+      {"--top-p=2", "--top_p 2 is outside (0, 1]"},
+      {"--repetition-penalty=0", "--repetition_penalty 0 is invalid"},
+      {"--max-new-tokens=0", "--max_new_tokens must be at least 1, got 0"},
+      {"--initial-peers=nonsense", "--initial-peers: bootstrap peer 'nonsense'"},
+  };
+  for (const auto& [flag, message] : cases) {
+    SCOPED_TRACE(flag);
+    const CommandResult result = RunCommand(
+        {PollenBinary(), "generate", "--model", Stories260kDir(), "--prompt",
+         "Hi", "--initial-peers", "127.0.0.1:9", flag});
+    EXPECT_EQ(result.exit_code, 2);
+    EXPECT_EQ(result.stdout_text, "");
+    EXPECT_NE(result.stderr_text.find(message), std::string::npos)
+        << result.stderr_text;
+  }
 }
 
 TEST(Cli, MissingPromptIsNoted) {
@@ -258,11 +283,13 @@ TEST(Cli, HelpListsFlags) {
 
 TEST_F(CliSwarmTest, FailedGeneratePrintsNothingOnStdout) {
   std::vector<std::string> argv = ClientArgs("generate");
-  argv.insert(argv.end(), {"--prompt", "Hi", "--max-new-tokens", "0"});
+  // Valid flags, but more tokens than the model's positions: the client
+  // finds out only after joining the swarm.
+  argv.insert(argv.end(), {"--prompt", "Hi", "--max-new-tokens", "100000"});
   const CommandResult result = RunCommand(argv);
   EXPECT_EQ(result.exit_code, 1);
   EXPECT_EQ(result.stdout_text, "");
-  EXPECT_NE(result.stderr_text.find("max_new_tokens must be at least 1"),
+  EXPECT_NE(result.stderr_text.find("exceeds the model's 512 positions"),
             std::string::npos)
       << result.stderr_text;
 }

@@ -88,6 +88,12 @@ struct GenerationOptions {
   bool stop_at_eos = true;
 };
 
+// Returns INVALID_ARGUMENT, naming the field and its range, when a value
+// of `options` is out of range. Generate and ChatSession::Send run the
+// same check, so calling it first only reports the error before Connect
+// waits for the swarm.
+absl::Status ValidateGenerationOptions(const GenerationOptions& options);
+
 // One node of the chain a generation ran through.
 struct RouteHopInfo {
   std::string node_id;
