@@ -240,8 +240,7 @@ absl::StatusOr<GenerationResult> Client::Impl::Continue(
 Client::Client(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Client::~Client() = default;
 
-absl::StatusOr<std::unique_ptr<Client>> Client::Connect(
-    const ClientOptions& options) {
+absl::Status ValidateClientWaits(const ClientOptions& options) {
   if (options.discovery_wait < absl::ZeroDuration()) {
     return absl::InvalidArgumentError(absl::StrCat(
         "discovery wait ", absl::FormatDuration(options.discovery_wait),
@@ -252,6 +251,12 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(
         "step timeout ", absl::FormatDuration(options.step_timeout),
         " must be positive (--step-timeout-s)"));
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<Client>> Client::Connect(
+    const ClientOptions& options) {
+  POLLEN_RETURN_IF_ERROR(ValidateClientWaits(options));
   auto impl = std::make_unique<Impl>();
   impl->options = options;
   impl->model_id = options.model_id.empty() ? DefaultModelId(options.model_dir)

@@ -384,8 +384,13 @@ int main(int argc, char** argv) {
   const bool generates = command == "generate" || command == "chat" ||
                          command == "local-swarm";
   if (generates) {
-    const absl::Status valid =
-        pollen::ValidateGenerationOptions(GenerateOptionsFromFlags().generation);
+    const pollen::cli::GenerateCommandOptions options = GenerateOptionsFromFlags();
+    const absl::Status valid_waits = pollen::ValidateClientWaits(options.client);
+    if (!valid_waits.ok()) {
+      std::cerr << "error: " << valid_waits.message() << "\n";
+      return 2;
+    }
+    const absl::Status valid = pollen::ValidateGenerationOptions(options.generation);
     if (!valid.ok()) {
       std::cerr << "error: --" << valid.message() << "\n";
       return 2;

@@ -88,6 +88,10 @@ struct GenerationOptions {
   bool stop_at_eos = true;
 };
 
+// Returns INVALID_ARGUMENT when discovery_wait is negative or step_timeout
+// is not positive. Connect runs the same check first.
+absl::Status ValidateClientWaits(const ClientOptions& options);
+
 // Returns INVALID_ARGUMENT, naming the field and its range, when a value
 // of `options` is out of range. Generate and ChatSession::Send run the
 // same check, so calling it first only reports the error before Connect
