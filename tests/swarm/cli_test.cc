@@ -1,5 +1,9 @@
 // The `pollen` command as users and scripts run it.
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
@@ -289,6 +293,34 @@ TEST(Cli, UnknownCommandShowsUsage) {
   const CommandResult result = RunCommand({PollenBinary(), "fly"});
   EXPECT_EQ(result.exit_code, 2);
   EXPECT_NE(result.stderr_text.find("unknown command 'fly'"), std::string::npos);
+}
+
+TEST(Cli, NodeOnTakenPortFailsClearly) {
+  const int listener = socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_GE(listener, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  address.sin_port = 0;
+  ASSERT_EQ(bind(listener, reinterpret_cast<sockaddr*>(&address), sizeof(address)), 0);
+  ASSERT_EQ(listen(listener, 1), 0);
+  socklen_t length = sizeof(address);
+  ASSERT_EQ(getsockname(listener, reinterpret_cast<sockaddr*>(&address), &length), 0);
+  const int port = ntohs(address.sin_port);
+
+  const CommandResult result = RunCommand(
+      {PollenBinary(), "node", "--model", Stories260kDir(), "--blocks", "0:5",
+       "--host", "127.0.0.1", "--port", std::to_string(port)});
+  close(listener);
+
+  EXPECT_EQ(result.exit_code, 1);
+  EXPECT_NE(result.stderr_text.find(absl::StrCat(
+                "cannot listen on 127.0.0.1:", port, ": Address already in use")),
+            std::string::npos)
+      << result.stderr_text;
+  // gRPC's own error dump stays out of the output.
+  EXPECT_EQ(result.stderr_text.find("chttp2"), std::string::npos)
+      << result.stderr_text;
 }
 
 TEST(Cli, NodeRejectsMalformedBlocks) {
