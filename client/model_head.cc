@@ -10,6 +10,15 @@
 #include "common/status_util.h"
 
 namespace pollen::client {
+namespace {
+
+// Concurrent Logits calls share one LM head product only when the head
+// has at least this many bytes. A smaller head stays in the CPU caches, so
+// its product takes a few microseconds, less than waiting for another
+// thread's product and waking up.
+constexpr int64_t kSharedHeadMinBytes = int64_t{4} << 20;
+
+}  // namespace
 
 ModelHead::ModelHead(ModelConfig config, at::Tensor embed_tokens,
                      at::Tensor norm, at::Tensor lm_head)
@@ -75,12 +84,24 @@ at::Tensor ModelHead::Logits(const at::Tensor& hidden) const {
               "hidden states have shape ", hidden.sizes(),
               ", expected [..., ", config_.hidden_size, "]");
 
-  // Final RMSNorm with float32 statistics, as in the blocks.
-  const at::Tensor x = hidden.to(device(), dtype());
-  const at::Tensor x32 = x.to(at::kFloat);
-  const at::Tensor variance = x32.pow(2).mean(-1, /*keepdim=*/true);
-  const at::Tensor normed =
-      norm_ * (x32 * at::rsqrt(variance + config_.rms_norm_eps)).to(dtype());
+  // Final RMSNorm with float32 statistics, as in the blocks. Float32 on
+  // the CPU takes a plain loop, which costs less than the libtorch
+  // operators of the general path in a decode step.
+  at::Tensor normed;
+  if (hidden.is_cpu() && hidden.scalar_type() == at::kFloat &&
+      norm_.is_cpu() && dtype() == at::kFloat) {
+    const at::Tensor x = hidden.contiguous();
+    normed = at::empty(x.sizes(), x.options());
+    RmsNormRows(x.data_ptr<float>(), norm_.data_ptr<float>(),
+                x.numel() / config_.hidden_size, config_.hidden_size,
+                static_cast<float>(config_.rms_norm_eps),
+                normed.data_ptr<float>());
+  } else {
+    const at::Tensor x = hidden.to(device(), dtype());
+    const at::Tensor x32 = x.to(at::kFloat);
+    const at::Tensor variance = x32.pow(2).mean(-1, /*keepdim=*/true);
+    normed = norm_ * (x32 * at::rsqrt(variance + config_.rms_norm_eps)).to(dtype());
+  }
 
   // A decode step's few rows read the large LM head once in tiled loops;
   // BLAS would first copy (pack) the whole matrix. The loops give each row
@@ -92,8 +113,11 @@ at::Tensor ModelHead::Logits(const at::Tensor& hidden) const {
       rows <= kLoopMatMulMaxRows) {
     std::vector<int64_t> sizes(normed.sizes().begin(), normed.sizes().end());
     sizes.back() = lm_head_.size(0);
-    return SharedHeadProduct(normed.reshape({rows, config_.hidden_size}))
-        .view(sizes);
+    const at::Tensor flat = normed.reshape({rows, config_.hidden_size});
+    const at::Tensor product = lm_head_.nbytes() >= kSharedHeadMinBytes
+                                   ? SharedHeadProduct(flat)
+                                   : LinearFewRows(flat, lm_head_);
+    return product.view(sizes);
   }
   return LinearFewRows(normed, lm_head_).to(at::kFloat);
 }

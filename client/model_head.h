@@ -19,8 +19,8 @@ namespace pollen::client {
 // Token embeddings, final RMSNorm and LM head of a checkpoint, without any
 // block weights. Its weights are immutable after Load, and it is
 // thread-safe. Logits calls of a few rows from several threads at once
-// (sessions generating side by side in one process) share one read of the
-// float32 LM head on the CPU; each gets the same logits as alone.
+// (sessions generating side by side in one process) share one read of a
+// large float32 LM head on the CPU; each gets the same logits as alone.
 class ModelHead {
  public:
   // Loads model.embed_tokens.weight, model.norm.weight and lm_head.weight

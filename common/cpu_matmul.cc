@@ -1,6 +1,7 @@
 #include "common/cpu_matmul.h"
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -121,6 +122,19 @@ bool HasAvx512() {
 #endif
 
 }  // namespace
+
+POLLEN_CPU_CLONES
+void RmsNormRows(const float* __restrict__ x, const float* __restrict__ weight,
+                 int64_t rows, int64_t width, float epsilon,
+                 float* __restrict__ out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = x + r * width;
+    const float variance = Dot(row, row, width) / static_cast<float>(width);
+    const float scale = 1.0f / std::sqrt(variance + epsilon);
+    float* out_row = out + r * width;
+    for (int64_t j = 0; j < width; ++j) out_row[j] = weight[j] * (row[j] * scale);
+  }
+}
 
 void MatMul(const float* x, int64_t rows, int64_t in, const at::Tensor& w,
             float* y) {

@@ -1,5 +1,6 @@
 // Float32 matrix products on the CPU for a few rows at a time, as in
-// decode steps: y = x w^T that reads each weight once.
+// decode steps: y = x w^T that reads each weight once. Also RMSNorm, which
+// precedes them in Llama's blocks and head.
 #pragma once
 
 #include <cstdint>
@@ -44,6 +45,11 @@ __attribute__((always_inline)) inline float Dot(const float* a, const float* b,
   for (int64_t i = whole; i < n; ++i) sum += a[i] * b[i];
   return sum;
 }
+
+// Writes out[r] = x[r] / rms(x[r]) * weight for each of `rows` rows of
+// `width` floats, where rms(v) = sqrt(mean(v^2) + epsilon).
+void RmsNormRows(const float* x, const float* weight, int64_t rows,
+                 int64_t width, float epsilon, float* out);
 
 // Writes y = x w^T for x [rows, in] and a contiguous float32 CPU weight w
 // [out, in] into y [rows, out]. Up to kLoopMatMulMaxRows rows run in

@@ -64,20 +64,6 @@ __attribute__((always_inline)) inline float Exp1(float x) {
   return Exp8(Splat(x))[0];
 }
 
-// out[r] = x[r] / rms(x[r]) * weight for each of `rows` rows of `width`.
-POLLEN_CPU_CLONES
-void RmsNormRows(const float* __restrict__ x, const float* __restrict__ weight,
-                 int64_t rows, int64_t width, float epsilon,
-                 float* __restrict__ out) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* row = x + r * width;
-    const float variance = Dot(row, row, width) / static_cast<float>(width);
-    const float scale = 1.0f / std::sqrt(variance + epsilon);
-    float* out_row = out + r * width;
-    for (int64_t j = 0; j < width; ++j) out_row[j] = weight[j] * (row[j] * scale);
-  }
-}
-
 // Rotates `heads` vectors of `d` floats in place, in Hugging Face's
 // rotate-half layout: x * cos + cat(-x2, x1) * sin.
 void Rotate(float* x, const float* cos, const float* sin, int64_t heads,

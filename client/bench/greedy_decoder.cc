@@ -110,14 +110,27 @@ absl::StatusOr<int> GreedyDecoder::Step(const std::vector<int>& ids) {
 
   POLLEN_ASSIGN_OR_RETURN(const at::Tensor output, run_blocks_(hidden));
 
-  // Logits of the last position only: [vocab] in float32. argmax picks a
-  // NaN over any number, so checking the picked logit finds NaN and +inf.
+  // Logits of the last position only: [vocab] in float32 on the CPU. The
+  // first largest logit wins, as in argmax, and a NaN anywhere fails below.
   int64_t next = -1;
   float best = 0;
   POLLEN_RETURN_IF_ERROR(CatchTorchErrors("computing the logits", [&] {
-    const at::Tensor logits = head_.Logits(output.slice(1, -1))[0][0];
-    next = logits.argmax().item<int64_t>();
-    best = logits[next].item<float>();
+    const at::Tensor logits =
+        head_.Logits(output.slice(1, -1)).reshape({-1}).to(at::kCPU).contiguous();
+    const float* values = logits.data_ptr<float>();
+    next = 0;
+    best = values[0];
+    for (int64_t i = 0; i < logits.numel(); ++i) {
+      if (std::isnan(values[i])) {
+        best = values[i];
+        next = i;
+        break;
+      }
+      if (values[i] > best) {
+        best = values[i];
+        next = i;
+      }
+    }
     return absl::OkStatus();
   }));
   if (!std::isfinite(best)) {

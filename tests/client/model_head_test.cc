@@ -10,6 +10,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "client/bench/random_checkpoint.h"
 #include "common/checkpoint.h"
 #include "node/block_span.h"
 #include "tests/support/checkpoint_fixtures.h"
@@ -83,14 +84,10 @@ TEST(ModelHead, Shapes) {
   EXPECT_EQ(bf16_logits.scalar_type(), at::kFloat);
 }
 
-// Threads calling Logits at once share LM head products; each must get
+// Calls Logits from 8 threads at once and checks that every call gets
 // exactly the logits it gets alone, including calls of several rows.
-TEST(ModelHead, ConcurrentLogitsEqualLogitsAlone) {
-  auto checkpoint = Checkpoint::Open(Stories260kDir());
-  ASSERT_TRUE(checkpoint.ok()) << checkpoint.status();
-  auto head = ModelHead::Load(**checkpoint, at::kFloat, at::kCPU);
-  ASSERT_TRUE(head.ok()) << head.status();
-
+void ExpectConcurrentLogitsEqualAlone(const ModelHead& head) {
+  const int64_t hidden = head.config().hidden_size;
   constexpr int kThreads = 8;
   constexpr int kCalls = 50;
   at::manual_seed(3);
@@ -98,8 +95,8 @@ TEST(ModelHead, ConcurrentLogitsEqualLogitsAlone) {
   std::vector<std::vector<at::Tensor>> alone(kThreads);
   for (int t = 0; t < kThreads; ++t) {
     for (int c = 0; c < kCalls; ++c) {
-      inputs[t].push_back(at::randn({1, 1 + (t + c) % 3, 64}));
-      alone[t].push_back((*head)->Logits(inputs[t].back()));
+      inputs[t].push_back(at::randn({1, 1 + (t + c) % 3, hidden}));
+      alone[t].push_back(head.Logits(inputs[t].back()));
     }
   }
 
@@ -108,7 +105,7 @@ TEST(ModelHead, ConcurrentLogitsEqualLogitsAlone) {
   for (int t = 0; t < kThreads; ++t) {
     threads.emplace_back([&, t] {
       for (const at::Tensor& input : inputs[t]) {
-        together[t].push_back((*head)->Logits(input));
+        together[t].push_back(head.Logits(input));
       }
     });
   }
@@ -120,6 +117,32 @@ TEST(ModelHead, ConcurrentLogitsEqualLogitsAlone) {
           << "thread " << t << ", call " << c;
     }
   }
+}
+
+// stories260k's LM head (128 KiB) is small, so each thread computes its
+// own product.
+TEST(ModelHead, ConcurrentLogitsOfSmallHead) {
+  auto checkpoint = Checkpoint::Open(Stories260kDir());
+  ASSERT_TRUE(checkpoint.ok()) << checkpoint.status();
+  auto head = ModelHead::Load(**checkpoint, at::kFloat, at::kCPU);
+  ASSERT_TRUE(head.ok()) << head.status();
+  ExpectConcurrentLogitsEqualAlone(**head);
+}
+
+// An 8 MiB LM head: concurrent calls share its products.
+TEST(ModelHead, ConcurrentLogitsShareLargeHead) {
+  TempDir dir;
+  bench::RandomCheckpointOptions options;
+  options.shape = *bench::FindCheckpointShape("test-tiny");
+  options.shape.vocab_size = 32768;
+  options.out_dir = dir.path() + "/model";
+  auto written = bench::WriteRandomCheckpoint(options);
+  ASSERT_TRUE(written.ok()) << written.status();
+  auto checkpoint = Checkpoint::Open(options.out_dir);
+  ASSERT_TRUE(checkpoint.ok()) << checkpoint.status();
+  auto head = ModelHead::Load(**checkpoint, at::kFloat, at::kCPU);
+  ASSERT_TRUE(head.ok()) << head.status();
+  ExpectConcurrentLogitsEqualAlone(**head);
 }
 
 TEST(ModelHead, EmbedMatchesTable) {
