@@ -59,7 +59,9 @@ absl::StatusOr<at::Device> ParseDevice(const std::string& name) {
   }
 }
 
-absl::Status ValidateOptions(const NodeOptions& options) {
+}  // namespace
+
+absl::Status ValidateNodeOptions(const NodeOptions& options) {
   if (options.cache_tokens <= 0) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--cache-tokens must be positive, got ", options.cache_tokens));
@@ -101,8 +103,24 @@ absl::Status ValidateOptions(const NodeOptions& options) {
         absl::FormatDuration(options.drain_timeout), " and ",
         absl::FormatDuration(options.rebalance_period)));
   }
+
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE;
+  addrinfo* addresses = nullptr;
+  const int resolved =
+      getaddrinfo(options.listen_host.c_str(), nullptr, &hints, &addresses);
+  if (resolved != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--host '", options.listen_host, "' does not resolve (",
+        gai_strerror(resolved), "); use an address of this machine, e.g. "
+        "0.0.0.0 or 127.0.0.1"));
+  }
+  freeaddrinfo(addresses);
   return absl::OkStatus();
 }
+
+namespace {
 
 // Waits up to `timeout` for SIGINT or SIGTERM. Returns the signal, or 0.
 int WaitForSignal(const sigset_t& signals, absl::Duration timeout) {
@@ -402,7 +420,7 @@ absl::Status RunNode(const NodeOptions& options) {
   sigaddset(&stop_signals, SIGTERM);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
 
-  POLLEN_RETURN_IF_ERROR(ValidateOptions(options));
+  POLLEN_RETURN_IF_ERROR(ValidateNodeOptions(options));
   POLLEN_RETURN_IF_ERROR(CheckPortFree(options.listen_host, options.port));
   POLLEN_ASSIGN_OR_RETURN(const at::ScalarType dtype, ParseDtype(options.dtype));
   POLLEN_ASSIGN_OR_RETURN(const Quantization quantization,

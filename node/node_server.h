@@ -87,6 +87,11 @@ struct NodeOptions {
   int threads = 0;
 };
 
+// Returns INVALID_ARGUMENT, naming the flag and its value, for options that
+// cannot work whatever the checkpoint: out-of-range numbers and ports, and
+// a --host that does not resolve. RunNode runs the same check first.
+absl::Status ValidateNodeOptions(const NodeOptions& options);
+
 // Runs a node until SIGINT or SIGTERM. It then withdraws its records and
 // lets open sessions finish, with `draining` set in their responses, until
 // they close or the drain timeout passes. A second signal ends the wait.

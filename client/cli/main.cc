@@ -1,6 +1,7 @@
 // The `pollen` command: one binary for nodes, clients and local swarms.
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <iostream>
 #include <string>
@@ -9,16 +10,17 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
-#include "absl/flags/usage_config.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
 #include "client/cli/child_process.h"
 #include "client/cli/commands.h"
+#include "client/cli/flag_parsing.h"
 #include "common/activation_compression.h"
 #include "common/dtype.h"
 #include "common/logging.h"
+#include "common/model_config.h"
 #include "common/peer_address.h"
 #include "node/quantized_linear.h"
 
@@ -227,23 +229,28 @@ int RunNode() {
       absl::Seconds(absl::GetFlag(FLAGS_session_idle_timeout_s));
   options.announce_period = absl::Seconds(absl::GetFlag(FLAGS_announce_period_s));
   options.record_ttl = absl::Seconds(absl::GetFlag(FLAGS_record_ttl_s));
-  return pollen::cli::RunNodeCommand(options);
-}
 
-// absl flags use underscores; accept the dashed spelling users expect.
-std::vector<char*> NormalizeFlagNames(int argc, char** argv,
-                                      std::vector<std::string>& storage) {
-  storage.assign(argv, argv + argc);
-  for (std::string& arg : storage) {
-    if (arg.rfind("--", 0) != 0) continue;
-    const size_t name_end = std::min(arg.find('='), arg.size());
-    for (size_t i = 2; i < name_end; ++i) {
-      if (arg[i] == '-') arg[i] = '_';
-    }
+  // Values that cannot work exit with code 2 before the node loads.
+  const absl::Status valid = pollen::node::ValidateNodeOptions(options);
+  if (!valid.ok()) {
+    std::cerr << "error: " << valid.message() << "\n";
+    return 2;
   }
-  std::vector<char*> result;
-  for (std::string& arg : storage) result.push_back(arg.data());
-  return result;
+  const auto config = pollen::LoadModelConfig(options.model_dir);
+  const int64_t model_blocks = config.ok() ? config->num_hidden_layers : 0;
+  if (config.ok() && !blocks.empty() && options.block_end > model_blocks) {
+    std::cerr << "error: --blocks " << blocks << " ends past the "
+              << model_blocks << " blocks of " << options.model_dir
+              << "; END must be at most " << model_blocks << "\n";
+    return 2;
+  }
+  if (config.ok() && options.num_blocks > model_blocks) {
+    std::cerr << "error: --num-blocks " << options.num_blocks
+              << " exceeds the " << model_blocks << " blocks of "
+              << options.model_dir << "\n";
+    return 2;
+  }
+  return pollen::cli::RunNodeCommand(options);
 }
 
 // Warns on stderr when --push is set where it changes nothing: on a command
@@ -318,19 +325,18 @@ int main(int argc, char** argv) {
   // every lock a trip through one global mutex. The tests keep it on.
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   absl::SetProgramUsageMessage(kUsage);
-  // --help lists the flags of this file, where every flag is defined.
-  absl::FlagsUsageConfig usage_config;
-  usage_config.contains_help_flags = [](absl::string_view file) {
-    return absl::EndsWith(file, "cli/main.cc");
-  };
-  usage_config.contains_helpshort_flags = usage_config.contains_help_flags;
-  usage_config.normalize_filename = [](absl::string_view file) {
-    const size_t cli = file.rfind("client/cli/");
-    return std::string(cli == absl::string_view::npos ? file : file.substr(cli));
-  };
-  absl::SetFlagsUsageConfig(usage_config);
   std::vector<std::string> storage;
-  std::vector<char*> normalized = NormalizeFlagNames(argc, argv, storage);
+  std::vector<char*> normalized =
+      pollen::cli::NormalizeFlagNames(argc, argv, storage);
+  if (pollen::cli::IsHelpRequest(normalized)) {
+    pollen::cli::PrintHelp(std::cout, kUsage, "cli/main.cc");
+    return 0;
+  }
+  const std::string flag_error = pollen::cli::FindFlagError(normalized);
+  if (!flag_error.empty()) {
+    std::cerr << "error: " << flag_error << "\n";
+    return 2;
+  }
   const std::vector<char*> positional =
       absl::ParseCommandLine(static_cast<int>(normalized.size()), normalized.data());
   if (positional.size() != 2) {
@@ -358,6 +364,16 @@ int main(int argc, char** argv) {
   if (needs_model && absl::GetFlag(FLAGS_model).empty()) {
     std::cerr << "error: pollen " << command << " needs --model DIR\n";
     return 2;
+  }
+  int64_t model_positions = 0;
+  if (needs_model) {
+    const auto config = pollen::LoadModelConfig(absl::GetFlag(FLAGS_model));
+    if (!config.ok()) {
+      std::cerr << "error: --model " << absl::GetFlag(FLAGS_model) << ": "
+                << config.status().message() << "\n";
+      return 2;
+    }
+    model_positions = config->max_position_embeddings;
   }
   const bool uses_compression = command == "generate" || command == "chat" ||
                                 command == "local-swarm" ||
@@ -392,7 +408,17 @@ int main(int argc, char** argv) {
     }
     const absl::Status valid = pollen::ValidateGenerationOptions(options.generation);
     if (!valid.ok()) {
-      std::cerr << "error: --" << valid.message() << "\n";
+      // The message starts with the field's name, which is the flag's.
+      std::string message(valid.message());
+      const size_t name_end = std::min(message.find(' '), message.size());
+      std::replace(message.begin(), message.begin() + name_end, '_', '-');
+      std::cerr << "error: --" << message << "\n";
+      return 2;
+    }
+    if (options.generation.max_new_tokens >= model_positions) {
+      std::cerr << "error: --max-new-tokens " << options.generation.max_new_tokens
+                << " leaves no room for a prompt in the model's "
+                << model_positions << " positions\n";
       return 2;
     }
   }

@@ -290,7 +290,7 @@ TEST(NodeStartup, FailsClearlyOnMissingModel) {
   const CommandResult result = RunCommand(
       {PollenBinary(), "node", "--model", dir.path() + "/missing", "--blocks",
        "0:1"});
-  EXPECT_EQ(result.exit_code, 1);
+  EXPECT_EQ(result.exit_code, 2);
   EXPECT_NE(result.stderr_text.find(dir.path() + "/missing"), std::string::npos)
       << result.stderr_text;
 }
@@ -319,7 +319,7 @@ TEST(NodeStartup, FailsClearlyOnTruncatedWeights) {
 TEST(NodeStartup, FailsClearlyOnBlocksOutsideModel) {
   const CommandResult result = RunCommand(
       {PollenBinary(), "node", "--model", Stories260kDir(), "--blocks", "3:9"});
-  EXPECT_EQ(result.exit_code, 1);
+  EXPECT_EQ(result.exit_code, 2);
   EXPECT_NE(result.stderr_text.find("9"), std::string::npos) << result.stderr_text;
   EXPECT_NE(result.stderr_text.find("5"), std::string::npos) << result.stderr_text;
 }

@@ -138,7 +138,7 @@ TEST(BenchCommand, RejectsBadFlags) {
   EXPECT_NE(no_model.stderr_text.find("needs --model"), std::string::npos);
 
   const CommandResult missing = Bench("/nonexistent/model", {});
-  EXPECT_EQ(missing.exit_code, 1);
+  EXPECT_EQ(missing.exit_code, 2);
   EXPECT_NE(missing.stderr_text.find("not found"), std::string::npos)
       << missing.stderr_text;
 }

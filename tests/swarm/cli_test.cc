@@ -66,10 +66,15 @@ TEST(Cli, PushWithOneNodeWarns) {
 TEST(Cli, BadGenerationFlagsExitTwo) {
   const std::vector<std::pair<std::string, std::string>> cases = {
       {"--temperature=-1", "--temperature -1 is invalid"},
-      {"--top-k=-3", "--top_k -3 is invalid"},
-      {"--top-p=2", "--top_p 2 is outside (0, 1]"},
-      {"--repetition-penalty=0", "--repetition_penalty 0 is invalid"},
-      {"--max-new-tokens=0", "--max_new_tokens must be at least 1, got 0"},
+      {"--top-k=-3", "--top-k -3 is invalid"},
+      {"--top-p=2", "--top-p 2 is outside (0, 1]"},
+      {"--repetition-penalty=0", "--repetition-penalty 0 is invalid"},
+      {"--max-new-tokens=0", "--max-new-tokens must be at least 1, got 0"},
+      {"--max-new-tokens=5000",
+       "--max-new-tokens 5000 leaves no room for a prompt in the model's 512"},
+      {"--max-new-tokens=abc", "invalid value 'abc' for --max-new-tokens"},
+      {"--tempreature=0.5", "unknown flag --tempreature"},
+      {"--model=/nonexistent/pollen-model", "--model /nonexistent/pollen-model:"},
       {"--initial-peers=nonsense", "--initial-peers: bootstrap peer 'nonsense'"},
   };
   for (const auto& [flag, message] : cases) {
@@ -270,17 +275,22 @@ TEST(Cli, SigtermWithdrawsNode) {
 }
 
 TEST(Cli, HelpListsFlags) {
-  const CommandResult result = RunCommand({PollenBinary(), "--help"});
-  const std::string output = result.stdout_text + result.stderr_text;
-  EXPECT_NE(output.find("--max_new_tokens"), std::string::npos) << output;
-  EXPECT_NE(output.find("local-swarm"), std::string::npos) << output;
+  for (const char* request : {"--help", "help"}) {
+    SCOPED_TRACE(request);
+    const CommandResult result = RunCommand({PollenBinary(), request});
+    EXPECT_EQ(result.exit_code, 0);
+    EXPECT_NE(result.stdout_text.find("--max-new-tokens"), std::string::npos)
+        << result.stdout_text;
+    EXPECT_NE(result.stdout_text.find("local-swarm"), std::string::npos)
+        << result.stdout_text;
+  }
 }
 
 TEST_F(CliSwarmTest, FailedGeneratePrintsNothingOnStdout) {
   std::vector<std::string> argv = ClientArgs("generate");
-  // Valid flags, but more tokens than the model's positions: the client
-  // finds out only after joining the swarm.
-  argv.insert(argv.end(), {"--prompt", "Hi", "--max-new-tokens", "100000"});
+  // Valid flags, but the prompt's tokens plus the new ones exceed the
+  // model's positions: the client finds out only after joining the swarm.
+  argv.insert(argv.end(), {"--prompt", kStoriesPrompt, "--max-new-tokens", "510"});
   const CommandResult result = RunCommand(argv);
   EXPECT_EQ(result.exit_code, 1);
   EXPECT_EQ(result.stdout_text, "");
@@ -321,6 +331,24 @@ TEST(Cli, NodeOnTakenPortFailsClearly) {
   // gRPC's own error dump stays out of the output.
   EXPECT_EQ(result.stderr_text.find("chttp2"), std::string::npos)
       << result.stderr_text;
+}
+
+TEST(Cli, NodeRejectsImpossibleValues) {
+  const std::vector<std::pair<std::vector<std::string>, std::string>> cases = {
+      {{"--port", "70000"}, "ports must be in 0..65535, got --port 70000"},
+      {{"--num-blocks", "7"}, "--num-blocks 7 exceeds the 5 blocks"},
+      {{"--host", "999.1.1.1"}, "--host '999.1.1.1' does not resolve"},
+  };
+  for (const auto& [flags, message] : cases) {
+    SCOPED_TRACE(flags[0]);
+    std::vector<std::string> argv = {PollenBinary(), "node", "--model",
+                                     Stories260kDir()};
+    argv.insert(argv.end(), flags.begin(), flags.end());
+    const CommandResult result = RunCommand(argv);
+    EXPECT_EQ(result.exit_code, 2);
+    EXPECT_NE(result.stderr_text.find(message), std::string::npos)
+        << result.stderr_text;
+  }
 }
 
 TEST(Cli, NodeRejectsMalformedBlocks) {
