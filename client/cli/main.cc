@@ -2,8 +2,10 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <iostream>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -61,7 +63,7 @@ ABSL_FLAG(double, temperature, 0.0, "Sampling temperature; 0 means greedy");
 ABSL_FLAG(int, top_k, 0, "Sample among the K most likely tokens; 0 disables");
 ABSL_FLAG(double, top_p, 1.0, "Sample among the most likely tokens whose probabilities sum to P; 1 disables");
 ABSL_FLAG(double, repetition_penalty, 1.0, "Penalty for tokens already in the context; 1 disables");
-ABSL_FLAG(uint64_t, seed, 0, "Random seed for sampling. A node seeds its span choice and rebalancing with it, and draws a random seed when it is 0. make-checkpoint seeds the weights with it");
+ABSL_FLAG(uint64_t, seed, 0, "Random seed. generate, chat and local-swarm sample with it, and with 0 and a --temperature above 0 draw one and print it on stderr. A node seeds its span choice and rebalancing with it, and draws a random seed when it is 0. make-checkpoint seeds the weights with it");
 ABSL_FLAG(int, max_length, 0, "chat: tokens the whole conversation may use; 0 means the model's maximum");
 ABSL_FLAG(int, discovery_wait_s, 30, "Seconds to wait for nodes covering every block");
 ABSL_FLAG(int, step_timeout_s, 60, "Seconds one step through one node may take");
@@ -440,6 +442,18 @@ int main(int argc, char** argv) {
   if (takes_prompt && absl::GetFlag(FLAGS_prompt).empty()) {
     std::cerr << "note: no --prompt given; generating from the "
                  "beginning-of-sequence token alone\n";
+  }
+
+  // Sampling without --seed draws a seed so that two runs differ, and the
+  // note gives the seed that repeats a run.
+  if (generates && absl::GetFlag(FLAGS_seed) == 0 &&
+      absl::GetFlag(FLAGS_temperature) > 0) {
+    std::random_device device;
+    uint64_t seed = 0;
+    while (seed == 0) seed = (uint64_t{device()} << 32) | device();
+    absl::SetFlag(&FLAGS_seed, seed);
+    std::cerr << "note: sampling with --seed " << seed
+              << "; pass it to repeat this output\n";
   }
 
   if (command == "node") return RunNode();

@@ -257,6 +257,42 @@ TEST_F(CliSwarmTest, GenerateRejectsBadWaits) {
   }
 }
 
+// Sampling without --seed draws a new seed each run and names it, and
+// passing that seed repeats the output.
+TEST(Cli, SampledGenerateNamesItsSeed) {
+  // A swarm of its own: each client process joins the DHT for a while,
+  // and the status tests above should not see these three.
+  LocalSwarm swarm;
+  ASSERT_TRUE(swarm.StartNode(Stories260kDir(), "stories260k", 0, 5).ok());
+  std::vector<std::string> argv = {PollenBinary(), "generate", "--model",
+                                   Stories260kDir(), "--initial-peers",
+                                   swarm.peer()};
+  argv.insert(argv.end(), {"--prompt", kStoriesPrompt, "--max-new-tokens",
+                           "16", "--temperature", "1", "--json"});
+  const CommandResult first = RunCommand(argv);
+  ASSERT_EQ(first.exit_code, 0) << first.stderr_text;
+  const CommandResult second = RunCommand(argv);
+  ASSERT_EQ(second.exit_code, 0) << second.stderr_text;
+
+  const std::string prefix = "note: sampling with --seed ";
+  auto seed_of = [&prefix](const std::string& stderr_text) {
+    const size_t start = stderr_text.find(prefix);
+    if (start == std::string::npos) return std::string();
+    const size_t end = stderr_text.find(';', start);
+    return stderr_text.substr(start + prefix.size(), end - start - prefix.size());
+  };
+  const std::string seed = seed_of(first.stderr_text);
+  ASSERT_FALSE(seed.empty()) << first.stderr_text;
+  EXPECT_NE(seed_of(second.stderr_text), seed);
+
+  argv.insert(argv.end(), {"--seed", seed});
+  const CommandResult repeated = RunCommand(argv);
+  ASSERT_EQ(repeated.exit_code, 0) << repeated.stderr_text;
+  EXPECT_EQ(seed_of(repeated.stderr_text), "");
+  EXPECT_EQ(nlohmann::json::parse(repeated.stdout_text)["new_ids"],
+            nlohmann::json::parse(first.stdout_text)["new_ids"]);
+}
+
 TEST(Cli, SigtermWithdrawsNode) {
   LocalSwarm swarm;
   auto index = swarm.StartNode(Stories260kDir(), "withdraw", 0, 5);
