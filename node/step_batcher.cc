@@ -241,11 +241,17 @@ size_t StepBatcher::ActiveSessions(absl::Time now, int from, int to,
   size_t count = 0;
   for (auto it = activity_.begin(); it != activity_.end();) {
     const Activity& activity = it->second;
-    if (activity.session.expired() || activity.last_arrival < since) {
+    if (activity.session.expired()) {
       it = activity_.erase(it);
       continue;
     }
-    if (activity.from == from && activity.to == to) ++count;
+    // A quiet session keeps its record, so that its next step still
+    // measures a round. Dropping it would let one short first round
+    // stop every later measurement, and with them every regrouping.
+    if (activity.last_arrival >= since && activity.from == from &&
+        activity.to == to) {
+      ++count;
+    }
     ++it;
   }
   return count;

@@ -146,7 +146,7 @@ class StepBatcher {
 
   // Counts the live sessions on blocks [from, to) whose last step is at
   // most kActiveRounds rounds of length `round` old. Drops the records of
-  // the other sessions.
+  // sessions that ended.
   size_t ActiveSessions(absl::Time now, int from, int to, absl::Duration round)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
