@@ -4,6 +4,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "absl/status/status.h"
+
 #include "client/cli/commands.h"
 #include "common/logging.h"
 
@@ -86,6 +88,11 @@ int RunChatCommand(const GenerateCommandOptions& options) {
     auto result = (*chat)->Send(line, options.generation, on_text);
     if (!result.ok()) {
       PrintError(result.status());
+      if (absl::IsOutOfRange(result.status())) {
+        std::cerr << "note: the conversation is full; start a new chat"
+                  << (options.max_length > 0 ? ", or raise --max-length" : "")
+                  << "\n";
+      }
       return 1;
     }
     if (options.json) {

@@ -293,6 +293,27 @@ TEST(Cli, SampledGenerateNamesItsSeed) {
             nlohmann::json::parse(first.stdout_text)["new_ids"]);
 }
 
+// On a swarm of its own, like SampledGenerateNamesItsSeed.
+TEST(Cli, FullChatSaysWhatToDo) {
+  LocalSwarm swarm;
+  ASSERT_TRUE(swarm.StartNode(Stories260kDir(), "stories260k", 0, 5).ok());
+  std::vector<std::string> argv = {PollenBinary(), "chat", "--model",
+                                   Stories260kDir(), "--initial-peers",
+                                   swarm.peer()};
+  argv.insert(argv.end(), {"--max-new-tokens", "8", "--max-length", "24"});
+  const CommandResult result =
+      RunCommand(argv, std::string(kStoriesPrompt) + "\nThe dog\nThe cat\n");
+  EXPECT_EQ(result.exit_code, 1);
+  EXPECT_NE(result.stderr_text.find("positions and cannot take"),
+            std::string::npos)
+      << result.stderr_text;
+  EXPECT_NE(result.stderr_text.find(
+                "note: the conversation is full; start a new chat, or raise "
+                "--max-length"),
+            std::string::npos)
+      << result.stderr_text;
+}
+
 TEST(Cli, SigtermWithdrawsNode) {
   LocalSwarm swarm;
   auto index = swarm.StartNode(Stories260kDir(), "withdraw", 0, 5);
