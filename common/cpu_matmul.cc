@@ -7,21 +7,10 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include "common/float8.h"
+
 namespace pollen {
 namespace {
-
-// Eight floats in one vector register (AVX) or two (SSE).
-typedef float Float8 __attribute__((vector_size(32)));
-
-__attribute__((always_inline)) inline Float8 Load8(const float* p) {
-  Float8 v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-__attribute__((always_inline)) inline float Sum8(Float8 v) {
-  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
-}
 
 // y[r * y_stride + k] = x[r] . w[k] for input rows r < kRows of x
 // [kRows, in] and weight rows k < 4 of w [4, in]. The 4 * kRows sums stay

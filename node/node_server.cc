@@ -253,8 +253,8 @@ absl::StatusOr<std::shared_ptr<const BlockSpan>> ChooseAndLoadSpan(
 // Returns UNAVAILABLE when another socket is bound to TCP port `port` of
 // `host`, found by binding a socket there the way gRPC's server does. So a node
 // started on a taken port fails before it loads anything, with one clear
-// line instead of gRPC's own error dump. Hosts that do not resolve pass,
-// and the server reports them.
+// line instead of gRPC's own error dump. A host that does not resolve
+// passes, because ValidateNodeOptions reports it.
 absl::Status CheckPortFree(const std::string& host, int port) {
   if (port == 0) return absl::OkStatus();
   addrinfo hints{};

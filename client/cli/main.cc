@@ -167,7 +167,8 @@ pollen::cli::GenerateCommandOptions GenerateOptionsFromFlags() {
   return options;
 }
 
-int RunNode() {
+// Runs `pollen node` for the model whose config.json is `config`.
+int RunNode(const pollen::ModelConfig& config) {
   pollen::node::NodeOptions options;
   options.model_dir = absl::GetFlag(FLAGS_model);
   options.model_id = absl::GetFlag(FLAGS_model_id);
@@ -238,15 +239,14 @@ int RunNode() {
     std::cerr << "error: " << valid.message() << "\n";
     return 2;
   }
-  const auto config = pollen::LoadModelConfig(options.model_dir);
-  const int64_t model_blocks = config.ok() ? config->num_hidden_layers : 0;
-  if (config.ok() && !blocks.empty() && options.block_end > model_blocks) {
+  const int64_t model_blocks = config.num_hidden_layers;
+  if (!blocks.empty() && options.block_end > model_blocks) {
     std::cerr << "error: --blocks " << blocks << " ends past the "
               << model_blocks << " blocks of " << options.model_dir
               << "; END must be at most " << model_blocks << "\n";
     return 2;
   }
-  if (config.ok() && options.num_blocks > model_blocks) {
+  if (options.num_blocks > model_blocks) {
     std::cerr << "error: --num-blocks " << options.num_blocks
               << " exceeds the " << model_blocks << " blocks of "
               << options.model_dir << "\n";
@@ -367,7 +367,7 @@ int main(int argc, char** argv) {
     std::cerr << "error: pollen " << command << " needs --model DIR\n";
     return 2;
   }
-  int64_t model_positions = 0;
+  pollen::ModelConfig model_config;
   if (needs_model) {
     const auto config = pollen::LoadModelConfig(absl::GetFlag(FLAGS_model));
     if (!config.ok()) {
@@ -375,7 +375,7 @@ int main(int argc, char** argv) {
                 << config.status().message() << "\n";
       return 2;
     }
-    model_positions = config->max_position_embeddings;
+    model_config = *config;
   }
   const bool uses_compression = command == "generate" || command == "chat" ||
                                 command == "local-swarm" ||
@@ -417,10 +417,10 @@ int main(int argc, char** argv) {
       std::cerr << "error: --" << message << "\n";
       return 2;
     }
-    if (options.generation.max_new_tokens >= model_positions) {
+    if (options.generation.max_new_tokens >= model_config.max_position_embeddings) {
       std::cerr << "error: --max-new-tokens " << options.generation.max_new_tokens
                 << " leaves no room for a prompt in the model's "
-                << model_positions << " positions\n";
+                << model_config.max_position_embeddings << " positions\n";
       return 2;
     }
   }
@@ -456,7 +456,7 @@ int main(int argc, char** argv) {
               << "; pass it to repeat this output\n";
   }
 
-  if (command == "node") return RunNode();
+  if (command == "node") return RunNode(model_config);
   if (command == "make-checkpoint") {
     pollen::cli::MakeCheckpointCommandOptions options;
     options.shape = absl::GetFlag(FLAGS_shape);

@@ -238,6 +238,22 @@ class StepBatcherTest : public ::testing::Test {
     return result;
   }
 
+  // Opens sessions "early" and "late" and runs the step at position 0 of
+  // each. Returns fewer than two sessions when that fails.
+  std::vector<std::shared_ptr<Session>> OpenSteppedSessions(
+      SessionManager& manager) {
+    std::vector<std::shared_ptr<Session>> sessions = {
+        OpenSession(manager, "early"), OpenSession(manager, "late")};
+    for (const auto& session : sessions) {
+      if (session == nullptr) return {};
+      const absl::StatusOr<at::Tensor> output =
+          RunStep(manager, session, at::randn({1, 1, 64}), 0);
+      EXPECT_TRUE(output.ok()) << output.status();
+      if (!output.ok()) return {};
+    }
+    return sessions;
+  }
+
   // Runs two sessions whose steps come back half a round apart, as when
   // they sit at different nodes of a chain: `steps` steps each from
   // position `first_step`. Returns the passes they took.
@@ -378,11 +394,9 @@ TEST_F(StepBatcherTest, StepsQueuedTogetherShareOnePass) {
 TEST_F(StepBatcherTest, OutOfPhaseSessionsRegroupAtFirstHop) {
   auto manager = MakeManager(512);
   constexpr int kSteps = 20;
-  std::vector<std::shared_ptr<Session>> sessions = {
-      OpenSession(*manager, "early"), OpenSession(*manager, "late")};
-  for (const auto& session : sessions) {
-    ASSERT_TRUE(RunStep(*manager, session, at::randn({1, 1, 64}), 0).ok());
-  }
+  const std::vector<std::shared_ptr<Session>> sessions =
+      OpenSteppedSessions(*manager);
+  ASSERT_EQ(sessions.size(), 2u);
 
   // One pass per step and session without regrouping: 2 * kSteps. The
   // first rounds run apart until the batcher has measured a round, and a
@@ -396,11 +410,9 @@ TEST_F(StepBatcherTest, OutOfPhaseSessionsRegroupAtFirstHop) {
 TEST_F(StepBatcherTest, RegroupAfterShortFirstRound) {
   auto manager = MakeManager(512);
   constexpr int kSteps = 20;
-  std::vector<std::shared_ptr<Session>> sessions = {
-      OpenSession(*manager, "early"), OpenSession(*manager, "late")};
-  for (const auto& session : sessions) {
-    ASSERT_TRUE(RunStep(*manager, session, at::randn({1, 1, 64}), 0).ok());
-  }
+  const std::vector<std::shared_ptr<Session>> sessions =
+      OpenSteppedSessions(*manager);
+  ASSERT_EQ(sessions.size(), 2u);
   ASSERT_TRUE(RunStep(*manager, sessions[0], at::randn({1, 1, 64}), 1).ok());
   ASSERT_TRUE(RunStep(*manager, sessions[1], at::randn({1, 1, 64}), 1).ok());
 

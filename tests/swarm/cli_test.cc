@@ -260,8 +260,8 @@ TEST_F(CliSwarmTest, GenerateRejectsBadWaits) {
 // Sampling without --seed draws a new seed each run and names it, and
 // passing that seed repeats the output.
 TEST(Cli, SampledGenerateNamesItsSeed) {
-  // A swarm of its own: each client process joins the DHT for a while,
-  // and the status tests above should not see these three.
+  // A swarm of its own: each client process joins the DHT while it runs,
+  // and three more clients in the shared swarm made its status tests flaky.
   LocalSwarm swarm;
   ASSERT_TRUE(swarm.StartNode(Stories260kDir(), "stories260k", 0, 5).ok());
   std::vector<std::string> argv = {PollenBinary(), "generate", "--model",
