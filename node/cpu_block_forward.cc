@@ -66,20 +66,74 @@ void Rotate(float* x, const float* cos, const float* sin, int64_t heads,
   }
 }
 
+// Returns the eight sums of the lanes of v[0..7]: lane k is v[k]'s sum.
+// Three rounds of shuffles and additions, instead of a separate reduction
+// of each vector.
+__attribute__((always_inline)) inline Float8 TransposedSums(const Float8* v) {
+  const Int8 even = {0, 8, 2, 10, 4, 12, 6, 14};
+  const Int8 odd = {1, 9, 3, 11, 5, 13, 7, 15};
+  const Int8 low_pairs = {0, 1, 8, 9, 4, 5, 12, 13};
+  const Int8 high_pairs = {2, 3, 10, 11, 6, 7, 14, 15};
+  const Int8 low_half = {0, 1, 2, 3, 8, 9, 10, 11};
+  const Int8 high_half = {4, 5, 6, 7, 12, 13, 14, 15};
+
+  // Sums of adjacent lanes: pairs[i] holds those of v[2i] and v[2i + 1],
+  // interleaved.
+  Float8 pairs[4];
+  for (int i = 0; i < 4; ++i) {
+    pairs[i] = __builtin_shuffle(v[2 * i], v[2 * i + 1], even) +
+               __builtin_shuffle(v[2 * i], v[2 * i + 1], odd);
+  }
+  // Sums of four lanes: each 128-bit half holds one sum per vector.
+  const Float8 quads_low = __builtin_shuffle(pairs[0], pairs[1], low_pairs) +
+                           __builtin_shuffle(pairs[0], pairs[1], high_pairs);
+  const Float8 quads_high = __builtin_shuffle(pairs[2], pairs[3], low_pairs) +
+                            __builtin_shuffle(pairs[2], pairs[3], high_pairs);
+  // Adding the halves completes the sums, in the order of v.
+  return __builtin_shuffle(quads_low, quads_high, low_half) +
+         __builtin_shuffle(quads_low, quads_high, high_half);
+}
+
+// Replaces the scores in `row` [length] by e^(score - max) and returns
+// their sum.
+__attribute__((always_inline)) inline float ExpShiftedRow(float* row,
+                                                          int64_t length) {
+  Float8 maxima = Splat(-std::numeric_limits<float>::infinity());
+  int64_t s = 0;
+  for (; s + 8 <= length; s += 8) {
+    const Float8 scores = Load8(row + s);
+    maxima = scores > maxima ? scores : maxima;
+  }
+  float max_score = maxima[0];
+  for (int lane = 1; lane < 8; ++lane) max_score = std::max(max_score, maxima[lane]);
+  for (; s < length; ++s) max_score = std::max(max_score, row[s]);
+
+  Float8 sums = {};
+  s = 0;
+  for (; s + 8 <= length; s += 8) {
+    const Float8 probabilities = Exp8(Load8(row + s) - max_score);
+    Store8(probabilities, row + s);
+    sums += probabilities;
+  }
+  float sum = Sum8(sums);
+  for (; s < length; ++s) {
+    row[s] = Exp1(row[s] - max_score);
+    sum += row[s];
+  }
+  return sum;
+}
+
 // Causal attention of the `group` query heads that share one kv head, for
 // one query token that attends to cache positions [0, length). `queries`
 // and `outputs` hold the group's vectors of `dim` floats one after
-// another, and `scores` has room for group * length floats. kHeadDim is the
-// head dimension when it is known at compile time (so that the inner loops
-// unroll), or 0 to use `runtime_dim`.
-template <int64_t kHeadDim>
-__attribute__((always_inline)) inline void AttendGroup(
+// another, and `scores` has room for group * length floats. This is the
+// loop for any head dimension; AttendGroupVectors below is faster for
+// multiples of 8.
+__attribute__((always_inline)) inline void AttendGroupScalar(
     const float* __restrict__ queries, const float* __restrict__ keys,
     const float* __restrict__ values, int64_t length, int64_t group,
-    int64_t runtime_dim, float scale, float* __restrict__ scores,
+    int64_t dim, float scale, float* __restrict__ scores,
     float* __restrict__ outputs) {
-  const int64_t dim = kHeadDim > 0 ? kHeadDim : runtime_dim;
-
   // Scaled scores, one row of `length` per query head; each key is read
   // once for the whole group.
   for (int64_t s = 0; s < length; ++s) {
@@ -92,21 +146,7 @@ __attribute__((always_inline)) inline void AttendGroup(
   // Softmax per head, in float32; the probabilities replace the scores.
   for (int64_t j = 0; j < group; ++j) {
     float* row = scores + j * length;
-    float max_score = -std::numeric_limits<float>::infinity();
-    for (int64_t s = 0; s < length; ++s) max_score = std::max(max_score, row[s]);
-    Float8 sums = {};
-    int64_t s = 0;
-    for (; s + 8 <= length; s += 8) {
-      const Float8 probabilities = Exp8(Load8(row + s) - max_score);
-      Store8(probabilities, row + s);
-      sums += probabilities;
-    }
-    float sum = Sum8(sums);
-    for (; s < length; ++s) {
-      row[s] = Exp1(row[s] - max_score);
-      sum += row[s];
-    }
-    const float inverse_sum = 1.0f / sum;
+    const float inverse_sum = 1.0f / ExpShiftedRow(row, length);
     for (int64_t s = 0; s < length; ++s) row[s] *= inverse_sum;
   }
 
@@ -122,7 +162,81 @@ __attribute__((always_inline)) inline void AttendGroup(
   }
 }
 
-// AttendGroup with the usual head dimensions unrolled.
+// AttendGroupScalar's work for a head dimension kHeadDim that is a multiple
+// of 8, in Float8 vectors. Scores come eight keys at a time, with one
+// transposed reduction instead of a horizontal sum per key, and the
+// weighted sums of the values stay in registers, with the softmax's
+// division applied once at the end. Small heads keep several sets of sums,
+// so that consecutive multiply-adds do not wait on each other.
+template <int64_t kHeadDim>
+__attribute__((always_inline)) inline void AttendGroupVectors(
+    const float* __restrict__ queries, const float* __restrict__ keys,
+    const float* __restrict__ values, int64_t length, int64_t group,
+    float scale, float* __restrict__ scores, float* __restrict__ outputs) {
+  static_assert(kHeadDim % 8 == 0 && kHeadDim > 0, "whole vectors only");
+  constexpr int kChunks = static_cast<int>(kHeadDim / 8);
+  constexpr int kSets = kChunks >= 4 ? 1 : 4 / kChunks;
+
+  // Scaled scores for each block of eight keys, which stays in the L1
+  // cache while every query head of the group reads it.
+  int64_t s = 0;
+  for (; s + 8 <= length; s += 8) {
+    const float* block = keys + s * kHeadDim;
+    for (int64_t j = 0; j < group; ++j) {
+      const float* query = queries + j * kHeadDim;
+      Float8 sums[8] = {};
+#pragma GCC unroll 16
+      for (int c = 0; c < kChunks; ++c) {
+        const Float8 q = Load8(query + 8 * c);
+#pragma GCC unroll 8
+        for (int k = 0; k < 8; ++k) {
+          sums[k] += q * Load8(block + k * kHeadDim + 8 * c);
+        }
+      }
+      Store8(TransposedSums(sums) * scale, scores + j * length + s);
+    }
+  }
+  for (; s < length; ++s) {
+    for (int64_t j = 0; j < group; ++j) {
+      scores[j * length + s] =
+          Dot(queries + j * kHeadDim, keys + s * kHeadDim, kHeadDim) * scale;
+    }
+  }
+
+  for (int64_t j = 0; j < group; ++j) {
+    const float* row = scores + j * length;
+    const float inverse_sum = 1.0f / ExpShiftedRow(scores + j * length, length);
+
+    // Unnormalized weighted sum of the values, in kSets interleaved sets.
+    Float8 sums[kSets][kChunks] = {};
+    int64_t t = 0;
+    for (; t + kSets <= length; t += kSets) {
+#pragma GCC unroll 4
+      for (int set = 0; set < kSets; ++set) {
+        const Float8 p = Splat(row[t + set]);
+        const float* value = values + (t + set) * kHeadDim;
+#pragma GCC unroll 16
+        for (int c = 0; c < kChunks; ++c) sums[set][c] += p * Load8(value + 8 * c);
+      }
+    }
+    for (; t < length; ++t) {
+      const Float8 p = Splat(row[t]);
+      const float* value = values + t * kHeadDim;
+#pragma GCC unroll 16
+      for (int c = 0; c < kChunks; ++c) sums[0][c] += p * Load8(value + 8 * c);
+    }
+    float* out = outputs + j * kHeadDim;
+#pragma GCC unroll 16
+    for (int c = 0; c < kChunks; ++c) {
+      Float8 total = sums[0][c];
+      for (int set = 1; set < kSets; ++set) total += sums[set][c];
+      Store8(total * inverse_sum, out + 8 * c);
+    }
+  }
+}
+
+// Attention of one group of query heads (see AttendGroupScalar), with the
+// usual head dimensions in vectors.
 POLLEN_CPU_CLONES
 void AttendGroupAnyDim(const float* queries, const float* keys,
                        const float* values, int64_t length, int64_t group,
@@ -130,23 +244,23 @@ void AttendGroupAnyDim(const float* queries, const float* keys,
                        float* outputs) {
   switch (dim) {
     case 8:
-      return AttendGroup<8>(queries, keys, values, length, group, dim, scale,
-                            scores, outputs);
+      return AttendGroupVectors<8>(queries, keys, values, length, group,
+                                   scale, scores, outputs);
     case 16:
-      return AttendGroup<16>(queries, keys, values, length, group, dim, scale,
-                             scores, outputs);
+      return AttendGroupVectors<16>(queries, keys, values, length, group,
+                                    scale, scores, outputs);
     case 32:
-      return AttendGroup<32>(queries, keys, values, length, group, dim, scale,
-                             scores, outputs);
+      return AttendGroupVectors<32>(queries, keys, values, length, group,
+                                    scale, scores, outputs);
     case 64:
-      return AttendGroup<64>(queries, keys, values, length, group, dim, scale,
-                             scores, outputs);
+      return AttendGroupVectors<64>(queries, keys, values, length, group,
+                                    scale, scores, outputs);
     case 128:
-      return AttendGroup<128>(queries, keys, values, length, group, dim, scale,
-                              scores, outputs);
+      return AttendGroupVectors<128>(queries, keys, values, length, group,
+                                     scale, scores, outputs);
     default:
-      return AttendGroup<0>(queries, keys, values, length, group, dim, scale,
-                            scores, outputs);
+      return AttendGroupScalar(queries, keys, values, length, group, dim,
+                               scale, scores, outputs);
   }
 }
 

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <memory>
+#include <vector>
 
 #include "common/model_config.h"
 #include "node/llama_block.h"
@@ -72,6 +73,41 @@ void BM_LlamaBlockDecode(benchmark::State& state, const ModelConfig& config) {
                          benchmark::Counter::kIsRate);
 }
 BENCHMARK_CAPTURE(BM_LlamaBlockDecode, stories260k, BlockConfig(64, 172, 8, 4));
+
+// One batched decode pass (LlamaBlock::ForwardBatch) over state.range(0)
+// sessions of one new token each, every session with its own cache of
+// kContext earlier positions, as a node runs the steps of concurrent
+// sessions that arrive together.
+void BM_LlamaBlockBatchedDecode(benchmark::State& state,
+                                const ModelConfig& config) {
+  at::NoGradGuard no_grad;
+  const int64_t sessions = state.range(0);
+  auto rotary = std::make_shared<const RotaryEmbedding>(
+      config, kContext + 1, at::kFloat, at::kCPU);
+  const LlamaBlock block(0, config, RandomWeights(config), rotary);
+
+  std::vector<LayerKvCache> caches(sessions);
+  std::vector<SequenceSlice> slices;
+  for (LayerKvCache& cache : caches) {
+    cache.keys = at::randn(
+        {1, config.num_key_value_heads, kContext + 1, config.head_dim});
+    cache.values = at::randn_like(cache.keys);
+    slices.push_back(SequenceSlice{&cache, kContext, 1, 1});
+  }
+  const at::Tensor hidden = at::randn({sessions, config.hidden_size});
+
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(block.ForwardBatch(hidden, slices));
+  }
+  state.counters["rows/s"] = benchmark::Counter(
+      static_cast<double>(state.iterations() * sessions),
+      benchmark::Counter::kIsRate);
+}
+BENCHMARK_CAPTURE(BM_LlamaBlockBatchedDecode, stories260k,
+                  BlockConfig(64, 172, 8, 4))
+    ->Arg(1)
+    ->Arg(8)
+    ->Unit(benchmark::kMicrosecond);
 BENCHMARK_CAPTURE(BM_LlamaBlockDecode, tinyllama_1_1b,
                   BlockConfig(2048, 5632, 32, 4))
     ->Unit(benchmark::kMillisecond);

@@ -151,13 +151,19 @@ std::unique_ptr<LlamaBlock> RandomBlock(const ModelConfig& config) {
   return std::make_unique<LlamaBlock>(0, config, std::move(weights), rotary);
 }
 
-TEST(FloatCpuPath, MatchesLibtorchPath) {
+// The float32 CPU loops against the libtorch operators, for a head
+// dimension that takes the scalar attention loop (12) and for ones that
+// take the vector loops (8, 16, 64).
+class FloatCpuPath : public ::testing::TestWithParam<int64_t> {};
+
+TEST_P(FloatCpuPath, MatchesLibtorchPath) {
+  const int64_t head_dim = GetParam();
   ModelConfig config;
   config.hidden_size = 96;
   config.intermediate_size = 204;  // not a multiple of 8: the loops' scalar tails run
   config.num_attention_heads = 8;
   config.num_key_value_heads = 2;
-  config.head_dim = 12;
+  config.head_dim = head_dim;
   config.max_position_embeddings = 64;
   config.rms_norm_eps = 1e-5;
   config.rope_theta = 10000;
@@ -168,8 +174,12 @@ TEST(FloatCpuPath, MatchesLibtorchPath) {
   // its libtorch operators; under NoGradGuard, the float32 CPU loops.
   const std::vector<int64_t> steps = {5, 1, 1, 16, 3, 1};
   const at::Tensor hidden = at::randn({2, 27, 96});
-  LayerKvCache reference_cache{at::zeros({2, 2, 30, 12}), at::zeros({2, 2, 30, 12})};
-  LayerKvCache fast_cache{at::zeros({2, 2, 30, 12}), at::zeros({2, 2, 30, 12})};
+  // Steps attend over up to 27 positions: whole blocks of 8 keys and a
+  // rest.
+  LayerKvCache reference_cache{at::zeros({2, 2, 30, head_dim}),
+                               at::zeros({2, 2, 30, head_dim})};
+  LayerKvCache fast_cache{at::zeros({2, 2, 30, head_dim}),
+                          at::zeros({2, 2, 30, head_dim})};
   int64_t position = 0;
   for (const int64_t tokens : steps) {
     SCOPED_TRACE(position);
@@ -190,6 +200,9 @@ TEST(FloatCpuPath, MatchesLibtorchPath) {
   EXPECT_LT(MaxDifference(fast_cache.keys, reference_cache.keys), 1e-5);
   EXPECT_LT(MaxDifference(fast_cache.values, reference_cache.values), 1e-5);
 }
+
+INSTANTIATE_TEST_SUITE_P(HeadDims, FloatCpuPath,
+                         ::testing::Values(12, 8, 16, 64));
 
 // Sessions on a SessionManager over the stories260k span, run through
 // SubmitStep.
