@@ -1,5 +1,6 @@
 #include "node/block_span.h"
 
+#include <cstring>
 #include <string>
 #include <utility>
 
@@ -266,6 +267,19 @@ absl::StatusOr<at::Tensor> BlockSpan::Forward(
   return ToInputDtype(state, hidden, from, to);
 }
 
+bool BlockSpan::PlainFloatCpu(
+    const std::vector<SpanBatchEntry>& entries) const {
+  if (dtype_ != at::kFloat || !device_.is_cpu()) return false;
+  for (const SpanBatchEntry& entry : entries) {
+    const at::Tensor& hidden = entry.hidden;
+    if (hidden.scalar_type() != at::kFloat || !hidden.is_cpu() ||
+        !hidden.is_contiguous()) {
+      return false;
+    }
+  }
+  return true;
+}
+
 absl::StatusOr<std::vector<at::Tensor>> BlockSpan::ForwardBatch(
     const std::vector<SpanBatchEntry>& entries, int from, int to) const {
   if (entries.empty()) {
@@ -288,17 +302,38 @@ absl::StatusOr<std::vector<at::Tensor>> BlockSpan::ForwardBatch(
   std::vector<at::Tensor> outputs;
   int current_block = -1;
   const absl::Status status = CatchTorchErrors("", [&] {
-    std::vector<at::Tensor> rows;
-    rows.reserve(entries.size());
+    // Float32 CPU rows are copied into place: a decode step's rows are a
+    // few hundred bytes, and each libtorch operator (conversion, reshape,
+    // concatenation, and their inverses below) costs a microsecond or more.
+    const bool plain = PlainFloatCpu(entries);
+    int64_t total_rows = 0;
     for (size_t i = 0; i < entries.size(); ++i) {
       const at::Tensor& hidden = entries[i].hidden;
-      rows.push_back(hidden.to(device_, dtype_).reshape({-1, hidden_size}));
       slices[i].position = entries[i].position;
       slices[i].batch = hidden.size(0);
       slices[i].tokens = hidden.size(1);
+      total_rows += hidden.size(0) * hidden.size(1);
     }
-    at::Tensor state = rows.size() == 1 ? rows[0] : at::cat(rows, 0);
-    rows.clear();
+    at::Tensor state;
+    if (plain) {
+      state = at::empty({total_rows, hidden_size},
+                        at::TensorOptions().dtype(at::kFloat));
+      float* destination = state.data_ptr<float>();
+      for (const SpanBatchEntry& entry : entries) {
+        const int64_t floats = entry.hidden.numel();
+        std::memcpy(destination, entry.hidden.data_ptr<float>(),
+                    floats * sizeof(float));
+        destination += floats;
+      }
+    } else {
+      std::vector<at::Tensor> rows;
+      rows.reserve(entries.size());
+      for (const SpanBatchEntry& entry : entries) {
+        rows.push_back(
+            entry.hidden.to(device_, dtype_).reshape({-1, hidden_size}));
+      }
+      state = rows.size() == 1 ? rows[0] : at::cat(rows, 0);
+    }
 
     for (int index = from; index < to; ++index) {
       current_block = index;
@@ -315,9 +350,18 @@ absl::StatusOr<std::vector<at::Tensor>> BlockSpan::ForwardBatch(
     for (const SpanBatchEntry& entry : entries) {
       const at::Tensor& hidden = entry.hidden;
       const int64_t count = hidden.size(0) * hidden.size(1);
-      outputs.push_back(state.narrow(0, row, count)
-                            .view(hidden.sizes())
-                            .to(hidden.device(), hidden.scalar_type()));
+      if (plain) {
+        at::Tensor output =
+            at::empty(hidden.sizes(), at::TensorOptions().dtype(at::kFloat));
+        std::memcpy(output.data_ptr<float>(),
+                    state.data_ptr<float>() + row * hidden_size,
+                    count * hidden_size * sizeof(float));
+        outputs.push_back(std::move(output));
+      } else {
+        outputs.push_back(state.narrow(0, row, count)
+                              .view(hidden.sizes())
+                              .to(hidden.device(), hidden.scalar_type()));
+      }
       row += count;
     }
     return absl::OkStatus();

@@ -119,6 +119,11 @@ class BlockSpan {
                                const std::vector<LayerKvCache>& cache,
                                int64_t position, int from, int to) const;
 
+  // True when the span computes in float32 on the CPU and every entry's
+  // hidden states are contiguous float32 CPU tensors, so that ForwardBatch
+  // can copy rows in and out with memcpy.
+  bool PlainFloatCpu(const std::vector<SpanBatchEntry>& entries) const;
+
   const int start_;
   const int end_;
   const ModelConfig config_;

@@ -333,8 +333,11 @@ void StepBatcher::RunPass(std::vector<std::unique_ptr<Pending>>& active) {
     if (!pending.error.ok()) continue;
     span = session.span;
     SpanBatchEntry entry;
-    entry.hidden =
-        pending.task.hidden.narrow(1, pending.tokens_done, member.chunk);
+    // A whole step needs no narrowing view (a libtorch operator).
+    entry.hidden = pending.tokens_done == 0 && member.chunk == pending.new_tokens
+                       ? pending.task.hidden
+                       : pending.task.hidden.narrow(1, pending.tokens_done,
+                                                    member.chunk);
     entry.cache = &session.cache;
     entry.position = session.position + pending.tokens_done;
     entries.push_back(std::move(entry));
