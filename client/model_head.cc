@@ -1,7 +1,9 @@
 #include "client/model_head.h"
 
+#include <cstring>
 #include <exception>
 #include <utility>
+#include <vector>
 
 #include <ATen/ATen.h>
 
@@ -58,7 +60,32 @@ absl::StatusOr<std::unique_ptr<ModelHead>> ModelHead::Load(
 
 at::Tensor ModelHead::Embed(const at::Tensor& token_ids) const {
   at::NoGradGuard no_grad;
-  return at::embedding(embed_tokens_, token_ids.to(device(), at::kLong));
+  const bool float_cpu = embed_tokens_.scalar_type() == at::kFloat &&
+                         embed_tokens_.is_cpu() &&
+                         embed_tokens_.is_contiguous() &&
+                         token_ids.scalar_type() == at::kLong &&
+                         token_ids.is_cpu() && token_ids.is_contiguous();
+  if (!float_cpu) {
+    return at::embedding(embed_tokens_, token_ids.to(device(), at::kLong));
+  }
+
+  // A decode step embeds one token: copying its row costs less than
+  // at::embedding's operators.
+  const int64_t vocab = embed_tokens_.size(0);
+  const int64_t hidden = embed_tokens_.size(1);
+  std::vector<int64_t> sizes(token_ids.sizes().begin(), token_ids.sizes().end());
+  sizes.push_back(hidden);
+  at::Tensor output = at::empty(sizes, embed_tokens_.options());
+  const int64_t* ids = token_ids.data_ptr<int64_t>();
+  const float* table = embed_tokens_.data_ptr<float>();
+  float* rows = output.data_ptr<float>();
+  for (int64_t i = 0; i < token_ids.numel(); ++i) {
+    TORCH_CHECK(ids[i] >= 0 && ids[i] < vocab, "token id ", ids[i],
+                " is out of range [0, ", vocab, ")");
+    std::memcpy(rows + i * hidden, table + ids[i] * hidden,
+                hidden * sizeof(float));
+  }
+  return output;
 }
 
 std::unique_ptr<ModelHead> ModelHead::WithHead(const ModelHead& base,
