@@ -593,6 +593,8 @@ absl::Status DhtRegistry::GetValues(std::vector<KeyValues>& keys,
         ABSL_GUARDED_BY(mu);
     std::vector<bool> done ABSL_GUARDED_BY(mu);
     size_t finished ABSL_GUARDED_BY(mu) = 0;
+    // Set when a value satisfied its key's `enough`.
+    bool satisfied ABSL_GUARDED_BY(mu) = false;
   };
   auto batch = std::make_shared<GetBatch>();
   {
@@ -618,11 +620,20 @@ absl::Status DhtRegistry::GetValues(std::vector<KeyValues>& keys,
     runner_->get(
         dht::InfoHash::get(keys[i].key),
         dht::GetCallback(
-            [batch, i](const std::vector<std::shared_ptr<dht::Value>>& found) {
+            [batch, i, enough = keys[i].enough](
+                const std::vector<std::shared_ptr<dht::Value>>& found) {
+              bool satisfied = false;
+              if (enough) {
+                for (const std::shared_ptr<dht::Value>& value : found) {
+                  satisfied = satisfied || enough(*value);
+                }
+              }
               absl::MutexLock lock(&batch->mu);
               auto& values = batch->values[i];
               values.insert(values.end(), found.begin(), found.end());
-              return true;
+              batch->satisfied = batch->satisfied || satisfied;
+              // Returning false ends this key's lookup.
+              return !satisfied;
             }),
         dht::DoneCallbackSimple([batch, i](bool) {
           absl::MutexLock lock(&batch->mu);
@@ -636,8 +647,9 @@ absl::Status DhtRegistry::GetValues(std::vector<KeyValues>& keys,
 
   AwaitWithWakeups(
       *runner_, batch->mu,
-      [&batch, &started]()
-          ABSL_NO_THREAD_SAFETY_ANALYSIS { return batch->finished == started; },
+      [&batch, &started]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+        return batch->finished == started || batch->satisfied;
+      },
       deadline);
 
   absl::MutexLock lock(&batch->mu);
@@ -646,6 +658,7 @@ absl::Status DhtRegistry::GetValues(std::vector<KeyValues>& keys,
     keys[i].values = batch->values[i];
     if (!batch->done[i]) pending.push_back(keys[i].key);
   }
+  if (batch->satisfied) return absl::OkStatus();
   if (!pending.empty()) {
     constexpr size_t kMaxNamed = 3;
     const size_t named = std::min(pending.size(), kMaxNamed);
@@ -719,6 +732,45 @@ absl::StatusOr<std::vector<NodeRecord>> DhtRegistry::FetchBlock(
     KeepNewest(by_node, std::move(node_id), std::move(record));
   }
   return TakeRecords(by_node);
+}
+
+absl::Status DhtRegistry::FindBlockServer(const std::string& model_id,
+                                          int block,
+                                          const std::string& address,
+                                          absl::Duration timeout) {
+  if (model_id.empty() || block < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "block ", block, " of model '", model_id,
+        "' to look up needs a model id and a block of at least 0"));
+  }
+
+  // The same checks as ValidRecords, on the DHT thread, for one address.
+  auto serves = [model_id, block, address](const dht::Value& value) {
+    const absl::StatusOr<NodeRecord> record =
+        ParseRecordValue(value, absl::Now());
+    return record.ok() && record->model_id() == model_id &&
+           record->address() == address &&
+           record->state() != pollen::v1::NODE_STATE_OFFLINE &&
+           block >= static_cast<int64_t>(record->blocks().start()) &&
+           block < static_cast<int64_t>(record->blocks().end());
+  };
+  std::vector<KeyValues> keys = {
+      KeyValues{BlockKey(model_id, block), block, {}, serves}};
+  const absl::Status lookup = GetValues(keys, timeout);
+
+  // GetValues returns OK both when a value was enough and when the lookup
+  // finished, so the values decide.
+  for (const NodeRecord& record :
+       ValidRecords(keys[0], model_id, absl::Now())) {
+    if (record.address() == address &&
+        record.state() != pollen::v1::NODE_STATE_OFFLINE) {
+      return absl::OkStatus();
+    }
+  }
+  if (!lookup.ok()) return lookup;
+  return absl::NotFoundError(absl::StrCat(
+      "no node at ", address, " announced block ", block, " of model ",
+      model_id, " (", keys[0].values.size(), " values under that block)"));
 }
 
 absl::StatusOr<std::vector<NodeRecord>> DhtRegistry::FetchSpan(

@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -134,6 +135,16 @@ class DhtRegistry {
   absl::StatusOr<std::vector<pollen::v1::NodeRecord>> FetchBlock(
       const std::string& model_id, int block, absl::Duration timeout);
 
+  // Returns OK as soon as a valid record arrives in which a node at
+  // `address` that is not OFFLINE serves `block` of `model_id`, without
+  // waiting for the rest of the lookup. NOT_FOUND when the lookup ended
+  // without one, and DEADLINE_EXCEEDED when it did not end within `timeout`.
+  // NOTE: a newer OFFLINE record of the same node may still be on its way,
+  // which FetchBlock would have preferred.
+  absl::Status FindBlockServer(const std::string& model_id, int block,
+                               const std::string& address,
+                               absl::Duration timeout);
+
   // Returns the valid records for blocks [start, end), looked up in parallel,
   // one per (node, block range) with the newest announced_ms, ordered by
   // block range then node id. Timeouts behave as in FetchBlock.
@@ -175,6 +186,9 @@ class DhtRegistry {
     std::string key;
     int block = -1;  // -1 for ModelIndexKey()
     std::vector<std::shared_ptr<dht::Value>> values;
+    // When set, the lookup of this key ends as soon as a value satisfies
+    // it. It runs on the DHT thread.
+    std::function<bool(const dht::Value&)> enough;
   };
 
   DhtRegistry(std::vector<std::string> bootstrap,

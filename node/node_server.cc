@@ -329,7 +329,8 @@ absl::StatusOr<std::unique_ptr<CallLoop>> StartServer(
 // Accepts a push target when a node that is not offline announced `block`
 // of `model_id` at that address. The next-hop prober's last records decide
 // at once for the block after the span (when `prober` points to a prober),
-// and a DHT lookup of at most kTargetLookup decides otherwise.
+// and otherwise a DHT lookup of at most kTargetLookup, which ends at the
+// first record that matches.
 PushTargetCheck AnnouncedTargetCheck(
     DhtRegistry* registry, std::string model_id,
     const std::atomic<const NextHopProber*>* prober) {
@@ -340,17 +341,12 @@ PushTargetCheck AnnouncedTargetCheck(
     if (known != nullptr && known->Announced(address, block)) {
       return absl::OkStatus();
     }
-    POLLEN_ASSIGN_OR_RETURN(std::vector<v1::NodeRecord> records,
-                            registry->FetchBlock(model_id, block, kTargetLookup));
-    for (const v1::NodeRecord& record : records) {
-      if (record.address() == address &&
-          record.state() != v1::NODE_STATE_OFFLINE) {
-        return absl::OkStatus();
-      }
+    const absl::Status found =
+        registry->FindBlockServer(model_id, block, address, kTargetLookup);
+    if (absl::IsNotFound(found)) {
+      return absl::PermissionDeniedError(found.message());
     }
-    return absl::PermissionDeniedError(absl::StrCat(
-        "no node at ", address, " announced block ", block, " of model ",
-        model_id, " (", records.size(), " records for that block)"));
+    return found;
   };
 }
 

@@ -574,6 +574,43 @@ TEST_F(SwarmTest, FetchBlockFindsOwner) {
   EXPECT_EQ((*found)[0].blocks().end(), 4u);
 }
 
+TEST_F(SwarmTest, FindBlockServerMatchesAddress) {
+  EXPECT_TRUE(
+      client_->FindBlockServer(kModel, 3, records_[1].address(), kTimeout).ok());
+  EXPECT_TRUE(
+      client_->FindBlockServer(kModel, 2, records_[1].address(), kTimeout).ok());
+}
+
+TEST_F(SwarmTest, FindBlockServerRejectsOthers) {
+  // Node 0 serves blocks 0:2, not block 3.
+  EXPECT_EQ(
+      client_->FindBlockServer(kModel, 3, records_[0].address(), kTimeout)
+          .code(),
+      absl::StatusCode::kNotFound);
+  EXPECT_EQ(client_->FindBlockServer(kModel, 3, "127.0.0.1:1", kTimeout).code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(
+      client_->FindBlockServer("other", 3, records_[1].address(), kTimeout)
+          .code(),
+      absl::StatusCode::kNotFound);
+  EXPECT_EQ(
+      client_->FindBlockServer(kModel, -1, records_[1].address(), kTimeout)
+          .code(),
+      absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(SwarmTest, FindBlockServerSkipsOffline) {
+  NodeRecord offline = records_[2];
+  offline.set_state(pollen::v1::NODE_STATE_OFFLINE);
+  offline.set_announced_ms(offline.announced_ms() + 1);
+  ASSERT_TRUE(nodes_[2]->Announce(offline, kTimeout).ok());
+
+  EXPECT_EQ(
+      client_->FindBlockServer(kModel, 4, records_[2].address(), kTimeout)
+          .code(),
+      absl::StatusCode::kNotFound);
+}
+
 TEST_F(SwarmTest, FetchFromEveryNode) {
   for (int i = 0; i < kNodes; ++i) {
     absl::StatusOr<std::vector<NodeRecord>> found =
