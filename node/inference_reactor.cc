@@ -368,9 +368,10 @@ void InferenceReactor::StepDone(StepSource source,
 
   // The step ends first, so that a push that fails at once finds the
   // session idle and replies to the client. A stream step's next read starts
-  // after the push: posting it makes gRPC send the client a flow-control
-  // update, which should not delay the push. Without a reserved read the
-  // stream may finish and `this` be deleted once the step has ended.
+  // after the pushes of the pass: posting it makes gRPC send the client a
+  // flow-control update, which should not delay them. Without a reserved
+  // read the stream may finish and `this` be deleted once the step has
+  // ended.
   ServiceContext* context = context_;
   const std::string address = step.push_to(0).address();
   const int next_block = session_->request.to;
@@ -382,7 +383,13 @@ void InferenceReactor::StepDone(StepSource source,
     return;
   }
   context->pusher.Push(address, next_block, std::move(pushed));
+  StepPusher::Batch::RunAfterPushes([this] { StartReservedRead(); });
+}
+
+void InferenceReactor::StartReservedRead() {
   StartRead(&request_);
+  bool finishing = false;
+  absl::Status finish;
   {
     absl::MutexLock lock(&mu_);
     read_reserved_ = false;

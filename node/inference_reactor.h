@@ -147,6 +147,10 @@ class InferenceReactor final
   bool EndStepUnanswered(StepSource source, bool* finishing,
                          absl::Status* finish);
 
+  // Starts the read that EndStepUnanswered reserved, then sends a finish
+  // that waited for it.
+  void StartReservedRead();
+
   // Writes `reply` now, or after the write in progress.
   void QueueReply(Reply reply);
 

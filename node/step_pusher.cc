@@ -274,12 +274,24 @@ StepPusher::Batch::~Batch() {
   current_batch = outer_;
   if (outer_ != nullptr) {
     outer_->held_.insert(outer_->held_.end(), held_.begin(), held_.end());
+    for (std::function<void()>& work : after_pushes_) {
+      outer_->after_pushes_.push_back(std::move(work));
+    }
     return;
   }
   for (const HeldStream& held : held_) {
     held.stream->Flush();
     held.pusher->Unpin(held.stream);
   }
+  for (std::function<void()>& work : after_pushes_) work();
+}
+
+void StepPusher::Batch::RunAfterPushes(std::function<void()> work) {
+  if (current_batch == nullptr) {
+    work();
+    return;
+  }
+  current_batch->after_pushes_.push_back(std::move(work));
 }
 
 StepPusher::StepPusher(PushFailureHandler on_failure)

@@ -75,6 +75,11 @@ class StepPusher {
     Batch(const Batch&) = delete;
     Batch& operator=(const Batch&) = delete;
 
+    // Runs `work` on this thread after the outermost batch of this thread
+    // has sent its pushes, or at once when no batch lives. For work that
+    // sends something else, which should not delay the pushes.
+    static void RunAfterPushes(std::function<void()> work);
+
    private:
     friend class StepPusher;
     struct HeldStream {
@@ -83,6 +88,7 @@ class StepPusher {
     };
     Batch* const outer_;
     std::vector<HeldStream> held_;
+    std::vector<std::function<void()>> after_pushes_;
   };
 
   // `on_failure` runs on the call loop's thread or on the thread that calls

@@ -10,9 +10,11 @@
 
 #include <chrono>
 #include <string>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "common/tensor_codec.h"
+#include "node/step_pusher.h"
 #include "pollen/v1/pollen.grpc.pb.h"
 #include "tests/support/swarm_fixture.h"
 #include "tests/support/test_support.h"
@@ -157,6 +159,26 @@ class PushTest : public ::testing::Test {
 LocalSwarm* PushTest::swarm_ = nullptr;
 std::string PushTest::first_address_;
 std::string PushTest::second_address_;
+
+TEST(PushBatchTest, WorkRunsAfterOutermostBatch) {
+  std::vector<std::string> order;
+  node::StepPusher::Batch::RunAfterPushes([&order] { order.push_back("alone"); });
+  EXPECT_EQ(order, std::vector<std::string>{"alone"});
+
+  {
+    node::StepPusher::Batch outer;
+    {
+      node::StepPusher::Batch inner;
+      node::StepPusher::Batch::RunAfterPushes(
+          [&order] { order.push_back("inner"); });
+    }
+    EXPECT_EQ(order.size(), 1u);
+    node::StepPusher::Batch::RunAfterPushes(
+        [&order] { order.push_back("outer"); });
+    EXPECT_EQ(order.size(), 1u);
+  }
+  EXPECT_EQ(order, (std::vector<std::string>{"alone", "inner", "outer"}));
+}
 
 TEST_F(PushTest, PushedStepsMatchRelayedSteps) {
   at::manual_seed(7);
