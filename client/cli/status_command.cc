@@ -77,16 +77,25 @@ bool Covers(const v1::NodeRecord& record, int block) {
 }
 
 // Collects one model's view: its nodes and, per block, who serves it and
-// their total decode throughput.
+// their total decode throughput. `index` holds the model index's records,
+// which are the same signed records as under the block keys. They fill in a
+// block whose lookup came back without its nodes, which a DHT that clients
+// have just left does now and then.
 nlohmann::json DescribeModel(DhtRegistry& registry, const std::string& model_id,
-                             int num_blocks, int64_t now_ms) {
+                             int num_blocks, int64_t now_ms,
+                             const std::vector<v1::NodeRecord>& index) {
   nlohmann::json model = {{"model_id", model_id}, {"num_blocks", num_blocks}};
   auto fetched = registry.FetchSpan(model_id, 0, num_blocks, kFetchTimeout);
-  if (!fetched.ok()) {
+  std::vector<v1::NodeRecord> found;
+  if (fetched.ok()) found = *std::move(fetched);
+  for (const v1::NodeRecord& record : index) {
+    if (record.model_id() == model_id) found.push_back(record);
+  }
+  if (!fetched.ok() && found.empty()) {
     model["error"] = std::string(fetched.status().message());
     return model;
   }
-  const std::vector<v1::NodeRecord> records = NewestPerNode(std::move(*fetched));
+  const std::vector<v1::NodeRecord> records = NewestPerNode(std::move(found));
 
   nlohmann::json nodes = nlohmann::json::array();
   nlohmann::json blocks = nlohmann::json::array();
@@ -253,7 +262,7 @@ int RunStatusCommand(const StatusCommandOptions& options) {
   nlohmann::json output = {{"models", nlohmann::json::array()}};
   for (const auto& [model_id, num_blocks] : models) {
     output["models"].push_back(
-        DescribeModel(**registry, model_id, num_blocks, now_ms));
+        DescribeModel(**registry, model_id, num_blocks, now_ms, *index));
   }
 
   if (options.json) {

@@ -2,6 +2,7 @@
 // `pollen status`, as real processes on loopback.
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
+#include <opendht/value.h>
 
 #include <filesystem>
 #include <fstream>
@@ -10,7 +11,10 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "client/cli/child_process.h"
+#include "common/dht_registry.h"
+#include "common/identity.h"
 #include "tests/support/swarm_fixture.h"
 #include "tests/support/test_support.h"
 
@@ -258,6 +262,56 @@ TEST_F(PlacementTest, StatusShowsBlockThroughputAndGap) {
       << model_text;
   EXPECT_NE(model_text.find("block 0: 3.0 steps/s"), std::string::npos)
       << model_text;
+}
+
+// A node's record reaches status through the model index even when its
+// block keys hold nothing, as after a block lookup that missed the nodes.
+TEST(StatusIndexTest, IndexRecordFillsBlocks) {
+  LocalSwarm swarm;
+  absl::StatusOr<dht::crypto::Identity> identity =
+      CreateEphemeralIdentity("index-only");
+  ASSERT_TRUE(identity.ok()) << identity.status();
+  DhtOptions options;
+  options.bootstrap = {swarm.peer()};
+  options.identity = *identity;
+  auto registry = DhtRegistry::Start(options);
+  ASSERT_TRUE(registry.ok()) << registry.status();
+
+  // The record goes under the index key only.
+  v1::NodeRecord record;
+  record.set_model_id("index-only");
+  record.set_num_blocks(2);
+  record.mutable_blocks()->set_start(0);
+  record.mutable_blocks()->set_end(2);
+  record.set_node_id((*registry)->node_id());
+  record.set_address("127.0.0.1:1");
+  record.set_state(v1::NODE_STATE_ONLINE);
+  record.set_throughput(4);
+  const absl::Time now = absl::Now();
+  record.set_announced_ms(absl::ToUnixMillis(now));
+  record.set_expires_ms(absl::ToUnixMillis(now + absl::Seconds(90)));
+  const std::string payload = record.SerializeAsString();
+  auto value = std::make_shared<dht::Value>(
+      kNodeRecordValueType, dht::Blob(payload.begin(), payload.end()), 1);
+  value->sign(*identity->first);
+  ASSERT_TRUE((*registry)
+                  ->PutValueForTesting(ModelIndexKey(), value, absl::Seconds(10))
+                  .ok());
+
+  const CommandResult json = RunCommand(
+      {PollenBinary(), "status", "--initial-peers", swarm.peer(), "--json"});
+  ASSERT_EQ(json.exit_code, 0) << json.stderr_text;
+  const auto output = nlohmann::json::parse(json.stdout_text);
+  ASSERT_EQ(output["models"].size(), 1u) << json.stdout_text;
+  const auto& model = output["models"][0];
+  EXPECT_EQ(model["model_id"], "index-only");
+  EXPECT_TRUE(model["unserved_blocks"].empty()) << json.stdout_text;
+  ASSERT_EQ(model["blocks"].size(), 2u);
+  for (const auto& block : model["blocks"]) {
+    EXPECT_EQ(block["nodes"], nlohmann::json::array({record.node_id()}))
+        << block.dump();
+    EXPECT_EQ(block["throughput"].get<double>(), 4) << block.dump();
+  }
 }
 
 }  // namespace
