@@ -109,9 +109,10 @@ absl::StatusOr<std::unique_ptr<InferenceChain>> InferenceChain::Open(
 
   for (size_t i = 0; i < chain->hops_.size(); ++i) {
     absl::Status opened = chain->EnsureOpen(i);
-    for (int attempt = 0; !opened.ok() && IsFailoverError(opened) &&
-                          attempt < options.max_failovers_per_step;
-         ++attempt) {
+    // ReplaceHop tries several routes itself and opens the hops it puts in
+    // place, so one call settles hop i. When it finds no route after the
+    // discovery wait, trying again would only wait again.
+    if (!opened.ok() && IsFailoverError(opened)) {
       opened = chain->ReplaceHop(i, std::string(opened.message()));
     }
     POLLEN_RETURN_IF_ERROR(opened);

@@ -318,6 +318,32 @@ TEST_F(FailoverTest, LosingEveryNodeOfBlockNamesIt) {
   EXPECT_LT(absl::Now() - started, absl::Seconds(60));
 }
 
+TEST_F(FailoverTest, DeadNodesAtOpenFailOnce) {
+  std::unique_ptr<Client> client = Connect();
+  ASSERT_NE(client, nullptr);
+
+  // Every node of blocks 2-4 dies before the session opens, while their
+  // records still look alive.
+  for (const auto& [index, span] : spans_) {
+    if (span.first != 2) continue;
+    swarm_.node(index).process.Signal(SIGKILL);
+    swarm_.node(index).process.Wait(absl::Seconds(5));
+  }
+  const absl::Time started = absl::Now();
+  auto result = client->GenerateFromIds(kStoriesPromptIds, Options(4));
+  ASSERT_FALSE(result.ok());
+  const std::string message(result.status().message());
+  EXPECT_NE(message.find("blocks 2-4"), std::string::npos) << message;
+
+  // One replacement, which waits discovery_wait (5 s) once, names the
+  // failure once.
+  const std::string replace = "cannot replace";
+  const size_t first = message.find(replace);
+  ASSERT_NE(first, std::string::npos) << message;
+  EXPECT_EQ(message.find(replace, first + 1), std::string::npos) << message;
+  EXPECT_LT(absl::Now() - started, absl::Seconds(30));
+}
+
 // A draining node that alone serves its blocks keeps serving the session
 // until its drain timeout, so the client stays on it instead of waiting
 // for a replacement that does not come.
