@@ -555,11 +555,17 @@ absl::Status RunNode(const NodeOptions& options) {
   // The offline record goes out while the sessions drain, so that a DHT
   // whose peers are gone delays the stop by the longer of the two, not by
   // their sum.
-  std::thread withdraw([&announcer] {
+  std::thread withdraw([&announcer, &options, &context] {
     const absl::Status withdrawn =
         announcer.Announce(v1::NODE_STATE_OFFLINE, kWithdrawTimeout);
     if (!withdrawn.ok()) {
-      POLLEN_LOG_WARN("withdrawing records failed: {}", withdrawn.ToString());
+      // Usually a peer that left the DHT recently and does not reply.
+      POLLEN_LOG_WARN(
+          "node {}: the offline record did not reach every DHT peer: {}; "
+          "clients that still see this node online fail over, and its "
+          "records expire within {}",
+          context.node_id, withdrawn.ToString(),
+          absl::FormatDuration(options.record_ttl));
     }
   });
   DrainSessions(options, stop_signals, sessions);
