@@ -92,9 +92,16 @@ absl::Status ValidateNodeOptions(const NodeOptions& options) {
         "--throughput must be 0 (measure) or positive, got ",
         options.throughput));
   }
-  if (options.min_balance_gain <= 0) {
+  if (!(options.min_balance_gain >= 1)) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "--min-balance-gain must be positive, got ", options.min_balance_gain));
+        "--min-balance-gain is a speed-up factor and must be at least 1 "
+        "(1.25 moves for a slowest block 25% faster), got ",
+        options.min_balance_gain));
+  }
+  if (options.threads < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--threads must be 0 (libtorch's default) or positive, got ",
+        options.threads));
   }
   if (options.drain_timeout < absl::ZeroDuration() ||
       options.rebalance_period < absl::ZeroDuration()) {

@@ -341,6 +341,12 @@ int main(int argc, char** argv) {
   }
   const std::vector<char*> positional =
       absl::ParseCommandLine(static_cast<int>(normalized.size()), normalized.data());
+  if (positional.size() > 2) {
+    std::cerr << "error: unexpected argument '" << positional[2]
+              << "' after the command '" << positional[1]
+              << "'; every value goes with a flag, e.g. --prompt \"...\"\n";
+    return 2;
+  }
   if (positional.size() != 2) {
     std::cerr << kUsage << "\n";
     return 2;
@@ -415,6 +421,14 @@ int main(int argc, char** argv) {
       const size_t name_end = std::min(message.find(' '), message.size());
       std::replace(message.begin(), message.begin() + name_end, '_', '-');
       std::cerr << "error: --" << message << "\n";
+      return 2;
+    }
+    const int64_t positions = model_config.max_position_embeddings;
+    if (command == "chat" && options.max_length != 0 &&
+        (options.max_length < 2 || options.max_length > positions)) {
+      std::cerr << "error: --max-length " << options.max_length
+                << " is outside 2.." << positions
+                << " (the model's positions; 0 uses them all)\n";
       return 2;
     }
     if (options.generation.max_new_tokens >= model_config.max_position_embeddings) {
@@ -514,6 +528,19 @@ int main(int argc, char** argv) {
     return pollen::cli::RunStatusCommand(options);
   }
   if (command == "local-swarm") {
+    // The nodes would reject these only after they started.
+    const auto dtype = pollen::ParseDtype(absl::GetFlag(FLAGS_dtype));
+    if (!dtype.ok()) {
+      std::cerr << "error: --dtype: " << dtype.status().message() << "\n";
+      return 2;
+    }
+    const auto quantization =
+        pollen::node::ParseQuantization(absl::GetFlag(FLAGS_quantize));
+    if (!quantization.ok()) {
+      std::cerr << "error: --quantize: " << quantization.status().message()
+                << "\n";
+      return 2;
+    }
     pollen::cli::LocalSwarmCommandOptions options;
     options.generate = GenerateOptionsFromFlags();
     options.num_nodes = absl::GetFlag(FLAGS_nodes);

@@ -89,6 +89,41 @@ TEST(Cli, BadGenerationFlagsExitTwo) {
   }
 }
 
+TEST(Cli, ChatRejectsBadMaxLength) {
+  const CommandResult result = RunCommand(
+      {PollenBinary(), "chat", "--model", Stories260kDir(), "--initial-peers",
+       "127.0.0.1:9", "--max-length", "-1"});
+  EXPECT_EQ(result.exit_code, 2);
+  EXPECT_NE(result.stderr_text.find("--max-length -1 is outside 2..512"),
+            std::string::npos)
+      << result.stderr_text;
+}
+
+TEST(Cli, LocalSwarmRejectsBadDtypeFirst) {
+  for (const char* flag : {"--dtype", "--quantize"}) {
+    SCOPED_TRACE(flag);
+    const CommandResult result = RunCommand(
+        {PollenBinary(), "local-swarm", "--model", Stories260kDir(), "--nodes",
+         "2", "--prompt", "Hi", flag, "int4"});
+    EXPECT_EQ(result.exit_code, 2);
+    EXPECT_NE(result.stderr_text.find(std::string("error: ") + flag + ":"),
+              std::string::npos)
+        << result.stderr_text;
+    EXPECT_EQ(result.stderr_text.find("node 1 exited"), std::string::npos)
+        << result.stderr_text;
+  }
+}
+
+TEST(Cli, StrayArgumentIsNamed) {
+  const CommandResult result = RunCommand(
+      {PollenBinary(), "generate", "--model", Stories260kDir(), "--prompt",
+       "Hi", "--initial-peers", "127.0.0.1:9", "extra_word"});
+  EXPECT_EQ(result.exit_code, 2);
+  EXPECT_NE(result.stderr_text.find("unexpected argument 'extra_word'"),
+            std::string::npos)
+      << result.stderr_text;
+}
+
 TEST(Cli, MissingPromptIsNoted) {
   const CommandResult result = RunCommand(
       {PollenBinary(), "local-swarm", "--model", Stories260kDir(), "--nodes",
@@ -395,6 +430,9 @@ TEST(Cli, NodeRejectsImpossibleValues) {
       {{"--port", "70000"}, "ports must be in 0..65535, got --port 70000"},
       {{"--num-blocks", "7"}, "--num-blocks 7 exceeds the 5 blocks"},
       {{"--host", "999.1.1.1"}, "--host '999.1.1.1' does not resolve"},
+      {{"--min-balance-gain", "0.5"},
+       "--min-balance-gain is a speed-up factor and must be at least 1"},
+      {{"--threads", "-2"}, "--threads must be 0 (libtorch's default)"},
   };
   for (const auto& [flags, message] : cases) {
     SCOPED_TRACE(flags[0]);
