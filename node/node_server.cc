@@ -51,12 +51,20 @@ constexpr absl::Duration kCallsEndTimeout = absl::Seconds(10);
 constexpr absl::Duration kWithdrawTimeout = absl::Seconds(2);
 
 absl::StatusOr<at::Device> ParseDevice(const std::string& name) {
+  at::Device device(at::kCPU);
   try {
-    return at::Device(name);
+    device = at::Device(name);
   } catch (const c10::Error&) {
     return absl::InvalidArgumentError(absl::StrCat(
         "unknown device '", name, "'; use cpu, cuda or cuda:N"));
   }
+  if (device.is_cuda() && !at::hasCUDA()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--device ", name,
+        ": this libtorch build has no CUDA support or sees no GPU; use "
+        "--device cpu"));
+  }
+  return device;
 }
 
 }  // namespace
@@ -110,6 +118,8 @@ absl::Status ValidateNodeOptions(const NodeOptions& options) {
         absl::FormatDuration(options.drain_timeout), " and ",
         absl::FormatDuration(options.rebalance_period)));
   }
+
+  POLLEN_RETURN_IF_ERROR(ParseDevice(options.device).status());
 
   addrinfo hints{};
   hints.ai_socktype = SOCK_STREAM;
