@@ -1,5 +1,8 @@
 #include "common/peer_address.h"
 
+#include <netdb.h>
+#include <sys/socket.h>
+
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 
@@ -26,6 +29,27 @@ absl::StatusOr<std::pair<std::string, std::string>> SplitPeerAddress(
         "' is not host:port with a port in [1, 65535], e.g. 127.0.0.1:4222"));
   }
   return std::make_pair(host, port);
+}
+
+absl::Status ResolvePeerHost(const std::string& address) {
+  absl::StatusOr<std::pair<std::string, std::string>> parts =
+      SplitPeerAddress(address);
+  if (!parts.ok()) return parts.status();
+
+  addrinfo hints{};
+  hints.ai_family = AF_INET;
+  hints.ai_socktype = SOCK_DGRAM;
+  addrinfo* addresses = nullptr;
+  const int resolved =
+      getaddrinfo(parts->first.c_str(), nullptr, &hints, &addresses);
+  if (resolved != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "bootstrap peer '", address, "': host '", parts->first,
+        "' does not resolve to an IPv4 address (", gai_strerror(resolved),
+        ")"));
+  }
+  freeaddrinfo(addresses);
+  return absl::OkStatus();
 }
 
 }  // namespace pollen

@@ -5,6 +5,7 @@
 #include <string>
 #include <utility>
 
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
 
 namespace pollen {
@@ -14,5 +15,10 @@ namespace pollen {
 // for IPv6 literals ("[::1]:4222"), because the DHT binds IPv4 only.
 absl::StatusOr<std::pair<std::string, std::string>> SplitPeerAddress(
     const std::string& address);
+
+// Checks that the host of "host:port" resolves to an IPv4 address.
+// INVALID_ARGUMENT, naming the host and the resolver's reason, when it does
+// not, and SplitPeerAddress's errors for a malformed address.
+absl::Status ResolvePeerHost(const std::string& address);
 
 }  // namespace pollen

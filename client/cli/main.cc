@@ -441,9 +441,9 @@ int main(int argc, char** argv) {
   const bool joins_swarm = needs_peers || command == "node" || command == "finetune";
   if (joins_swarm) {
     for (const std::string& peer : SplitPeers(absl::GetFlag(FLAGS_initial_peers))) {
-      const auto valid = pollen::SplitPeerAddress(peer);
+      const absl::Status valid = pollen::ResolvePeerHost(peer);
       if (!valid.ok()) {
-        std::cerr << "error: --initial-peers: " << valid.status().message() << "\n";
+        std::cerr << "error: --initial-peers: " << valid.message() << "\n";
         return 2;
       }
     }

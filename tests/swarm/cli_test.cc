@@ -76,6 +76,8 @@ TEST(Cli, BadGenerationFlagsExitTwo) {
       {"--tempreature=0.5", "unknown flag --tempreature"},
       {"--model=/nonexistent/pollen-model", "--model /nonexistent/pollen-model:"},
       {"--initial-peers=nonsense", "--initial-peers: bootstrap peer 'nonsense'"},
+      {"--initial-peers=nosuchhost.invalid:4222",
+       "host 'nosuchhost.invalid' does not resolve"},
   };
   for (const auto& [flag, message] : cases) {
     SCOPED_TRACE(flag);
