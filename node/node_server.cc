@@ -119,7 +119,14 @@ absl::Status ValidateNodeOptions(const NodeOptions& options) {
         absl::FormatDuration(options.rebalance_period)));
   }
 
-  POLLEN_RETURN_IF_ERROR(ParseDevice(options.device).status());
+  POLLEN_ASSIGN_OR_RETURN(const at::Device device, ParseDevice(options.device));
+  const absl::StatusOr<at::ScalarType> dtype = ParseDtype(options.dtype);
+  if (dtype.ok() && *dtype == at::kHalf && device.is_cpu()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--dtype ", options.dtype,
+        " needs a GPU: libtorch's CPU matrix products have no float16; on the "
+        "CPU use float32 or bfloat16"));
+  }
 
   addrinfo hints{};
   hints.ai_socktype = SOCK_STREAM;

@@ -436,6 +436,7 @@ TEST(Cli, NodeRejectsImpossibleValues) {
        "--min-balance-gain is a speed-up factor and must be at least 1"},
       {{"--threads", "-2"}, "--threads must be 0 (libtorch's default)"},
       {{"--device", "tpu"}, "unknown device 'tpu'; use cpu, cuda or cuda:N"},
+      {{"--dtype", "fp16"}, "--dtype fp16 needs a GPU"},
   };
   for (const auto& [flags, message] : cases) {
     SCOPED_TRACE(flags[0]);
