@@ -19,6 +19,7 @@
 #include "client/cli/child_process.h"
 #include "client/cli/commands.h"
 #include "client/cli/flag_parsing.h"
+#include "client/tokenizer.h"
 #include "common/activation_compression.h"
 #include "common/dtype.h"
 #include "common/logging.h"
@@ -407,6 +408,7 @@ int main(int argc, char** argv) {
   // instead of failing after the wait for the swarm.
   const bool generates = command == "generate" || command == "chat" ||
                          command == "local-swarm";
+  const bool takes_prompt = command == "generate" || command == "local-swarm";
   if (generates) {
     const pollen::cli::GenerateCommandOptions options = GenerateOptionsFromFlags();
     const absl::Status valid_waits = pollen::ValidateClientWaits(options.client);
@@ -437,6 +439,25 @@ int main(int argc, char** argv) {
                 << model_config.max_position_embeddings << " positions\n";
       return 2;
     }
+
+    // The prompt's tokens count too. The library checks again with an
+    // adapter's prompt positions, which are known only once it loads.
+    if (takes_prompt) {
+      auto tokenizer = pollen::client::Tokenizer::Load(
+          options.client.model_dir + "/tokenizer.model");
+      if (tokenizer.ok()) {
+        const int64_t prompt_tokens = static_cast<int64_t>(
+            (*tokenizer)->Encode(options.prompt, /*add_bos=*/true).size());
+        if (prompt_tokens + options.generation.max_new_tokens > positions) {
+          std::cerr << "error: --max-new-tokens "
+                    << options.generation.max_new_tokens << " plus the "
+                    << prompt_tokens << " tokens of --prompt exceeds the model's "
+                    << positions << " positions; at most "
+                    << positions - prompt_tokens << " new tokens fit\n";
+          return 2;
+        }
+      }
+    }
   }
   const bool joins_swarm = needs_peers || command == "node" || command == "finetune";
   if (joins_swarm) {
@@ -452,7 +473,6 @@ int main(int argc, char** argv) {
   // The bench warns after it restarted itself, so that the warning shows
   // once.
   if (command != "bench") WarnIfPushHasNoEffect(command);
-  const bool takes_prompt = command == "generate" || command == "local-swarm";
   if (takes_prompt && absl::GetFlag(FLAGS_prompt).empty()) {
     std::cerr << "note: no --prompt given; generating from the "
                  "beginning-of-sequence token alone\n";

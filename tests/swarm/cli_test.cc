@@ -72,6 +72,9 @@ TEST(Cli, BadGenerationFlagsExitTwo) {
       {"--max-new-tokens=0", "--max-new-tokens must be at least 1, got 0"},
       {"--max-new-tokens=5000",
        "--max-new-tokens 5000 leaves no room for a prompt in the model's 512"},
+      {"--max-new-tokens=510",
+       "--max-new-tokens 510 plus the 3 tokens of --prompt exceeds the "
+       "model's 512 positions; at most 509 new tokens fit"},
       {"--max-new-tokens=abc", "invalid value 'abc' for --max-new-tokens"},
       {"--tempreature=0.5", "unknown flag --tempreature"},
       {"--model=/nonexistent/pollen-model", "--model /nonexistent/pollen-model:"},
