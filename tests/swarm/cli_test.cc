@@ -385,13 +385,14 @@ TEST(Cli, HelpListsFlags) {
 
 TEST_F(CliSwarmTest, FailedGeneratePrintsNothingOnStdout) {
   std::vector<std::string> argv = ClientArgs("generate");
-  // Valid flags, but the prompt's tokens plus the new ones exceed the
-  // model's positions: the client finds out only after joining the swarm.
-  argv.insert(argv.end(), {"--prompt", kStoriesPrompt, "--max-new-tokens", "510"});
+  // Valid flags, but no node serves this model id: the client finds out
+  // only after joining the swarm.
+  argv.insert(argv.end(), {"--prompt", kStoriesPrompt, "--model-id",
+                           "served-by-nobody", "--discovery-wait-s", "1"});
   const CommandResult result = RunCommand(argv);
   EXPECT_EQ(result.exit_code, 1);
   EXPECT_EQ(result.stdout_text, "");
-  EXPECT_NE(result.stderr_text.find("exceeds the model's 512 positions"),
+  EXPECT_NE(result.stderr_text.find("no usable node serves blocks"),
             std::string::npos)
       << result.stderr_text;
 }
