@@ -41,9 +41,16 @@ struct MemoryBandwidth {
 absl::StatusOr<MemoryBandwidth> MeasureMemoryBandwidth(
     const MemoryBandwidthOptions& options);
 
-// Sums `count` 64-bit words with four independent accumulators, so that
-// the loads, not the additions, limit the speed. The micro-benchmarks use
-// it too.
+// Parts of its share that each thread of the bandwidth pass reads side by
+// side, because the hardware prefetchers follow several streams at once.
+// On the 2-core EPYC of docs/benchmarks.md, two threads read 22.5 GB/s
+// with one stream each, 25.4 with four and 27.0 with eight. A decode step
+// of the 1.1B shape reads about 27 GB/s there.
+inline constexpr int kReadStreams = 8;
+
+// Sums `count` 64-bit words, reading kReadStreams equal parts side by
+// side with a sum each, so that the loads, not the additions, limit the
+// speed. The micro-benchmarks use it too.
 uint64_t SumWords(const uint64_t* words, size_t count);
 
 }  // namespace pollen::bench

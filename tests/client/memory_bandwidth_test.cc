@@ -16,6 +16,9 @@ TEST(MemoryBandwidth, SumWordsAddsEveryWord) {
   EXPECT_EQ(SumWords(words.data(), words.size()), 1003u * 1004 / 2);
   EXPECT_EQ(SumWords(words.data(), 3), 6u);
   EXPECT_EQ(SumWords(words.data(), 0), 0u);
+  // 64 words fill every stream with whole groups of 4, and 67 leave a rest.
+  EXPECT_EQ(SumWords(words.data(), 64), 64u * 65 / 2);
+  EXPECT_EQ(SumWords(words.data(), 67), 67u * 68 / 2);
 }
 
 TEST(MemoryBandwidth, MeasuresPositiveBandwidth) {
@@ -30,7 +33,8 @@ TEST(MemoryBandwidth, MeasuresPositiveBandwidth) {
   EXPECT_EQ(bandwidth->threads, 2);
   EXPECT_EQ(bandwidth->buffer_bytes, 64 << 20);
   EXPECT_EQ(bandwidth->Describe(),
-            "2 threads summing a 64 MiB buffer of 64-bit words, best of 2 passes");
+            "2 threads summing a 64 MiB buffer of 64-bit words in 8 streams "
+            "each, best of 2 passes");
 }
 
 TEST(MemoryBandwidth, DefaultsToOneThreadPerHardwareThread) {
