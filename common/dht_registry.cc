@@ -225,6 +225,15 @@ absl::StatusOr<int> AwaitPuts(dht::DhtRunner& runner, PutBatch& batch,
   return batch.failed;
 }
 
+// Returns whether `record` is of `model_id` and covers `block`, as every
+// record under that block's key must be (see ValidRecords).
+bool BelongsUnderBlock(const NodeRecord& record, const std::string& model_id,
+                       int64_t block) {
+  return record.model_id() == model_id &&
+         block >= static_cast<int64_t>(record.blocks().start()) &&
+         block < static_cast<int64_t>(record.blocks().end());
+}
+
 }  // namespace
 
 std::string BlockKey(const std::string& model_id, int block) {
@@ -684,9 +693,7 @@ std::vector<NodeRecord> DhtRegistry::ValidRecords(const KeyValues& key,
     // block, because the signature does not cover the key and anyone could
     // copy a valid record under another key.
     if (record.ok() && key.block >= 0 &&
-        (record->model_id() != model_id ||
-         key.block < static_cast<int64_t>(record->blocks().start()) ||
-         key.block >= static_cast<int64_t>(record->blocks().end()))) {
+        !BelongsUnderBlock(*record, model_id, key.block)) {
       record = absl::InvalidArgumentError(
           absl::StrCat("record of node ", record->node_id(), " for model '",
                        record->model_id(), "' blocks ", SpanString(*record),
@@ -744,28 +751,27 @@ absl::Status DhtRegistry::FindBlockServer(const std::string& model_id,
         "' to look up needs a model id and a block of at least 0"));
   }
 
-  // The same checks as ValidRecords, on the DHT thread, for one address.
-  auto serves = [model_id, block, address](const dht::Value& value) {
+  auto serves_at_address = [address](const NodeRecord& record) {
+    return record.address() == address &&
+           record.state() != pollen::v1::NODE_STATE_OFFLINE;
+  };
+  // ValidRecords' checks, on the DHT thread, for one address.
+  auto enough = [model_id, block, serves_at_address](const dht::Value& value) {
     const absl::StatusOr<NodeRecord> record =
         ParseRecordValue(value, absl::Now());
-    return record.ok() && record->model_id() == model_id &&
-           record->address() == address &&
-           record->state() != pollen::v1::NODE_STATE_OFFLINE &&
-           block >= static_cast<int64_t>(record->blocks().start()) &&
-           block < static_cast<int64_t>(record->blocks().end());
+    return record.ok() && BelongsUnderBlock(*record, model_id, block) &&
+           serves_at_address(*record);
   };
   std::vector<KeyValues> keys = {
-      KeyValues{BlockKey(model_id, block), block, {}, serves}};
+      KeyValues{BlockKey(model_id, block), block, {}, enough}};
   const absl::Status lookup = GetValues(keys, timeout);
 
   // GetValues returns OK both when a value was enough and when the lookup
   // finished, so the values decide.
-  for (const NodeRecord& record :
-       ValidRecords(keys[0], model_id, absl::Now())) {
-    if (record.address() == address &&
-        record.state() != pollen::v1::NODE_STATE_OFFLINE) {
-      return absl::OkStatus();
-    }
+  const std::vector<NodeRecord> records =
+      ValidRecords(keys[0], model_id, absl::Now());
+  if (std::any_of(records.begin(), records.end(), serves_at_address)) {
+    return absl::OkStatus();
   }
   if (!lookup.ok()) return lookup;
   return absl::NotFoundError(absl::StrCat(

@@ -77,14 +77,14 @@ __attribute__((always_inline)) inline Float8 TransposedSums(const Float8* v) {
   const Int8 low_half = {0, 1, 2, 3, 8, 9, 10, 11};
   const Int8 high_half = {4, 5, 6, 7, 12, 13, 14, 15};
 
-  // Sums of adjacent lanes: pairs[i] holds those of v[2i] and v[2i + 1],
-  // interleaved.
+  // Sums of adjacent lanes: pairs[i] contains those of v[2i] and
+  // v[2i + 1], interleaved.
   Float8 pairs[4];
   for (int i = 0; i < 4; ++i) {
     pairs[i] = __builtin_shuffle(v[2 * i], v[2 * i + 1], even) +
                __builtin_shuffle(v[2 * i], v[2 * i + 1], odd);
   }
-  // Sums of four lanes: each 128-bit half holds one sum per vector.
+  // Sums of four lanes: each 128-bit half contains one sum per vector.
   const Float8 quads_low = __builtin_shuffle(pairs[0], pairs[1], low_pairs) +
                            __builtin_shuffle(pairs[0], pairs[1], high_pairs);
   const Float8 quads_high = __builtin_shuffle(pairs[2], pairs[3], low_pairs) +
@@ -204,8 +204,8 @@ __attribute__((always_inline)) inline void AttendGroupVectors(
   }
 
   for (int64_t j = 0; j < group; ++j) {
-    const float* row = scores + j * length;
-    const float inverse_sum = 1.0f / ExpShiftedRow(scores + j * length, length);
+    float* row = scores + j * length;
+    const float inverse_sum = 1.0f / ExpShiftedRow(row, length);
 
     // Unnormalized weighted sum of the values, in kSets interleaved sets.
     Float8 sums[kSets][kChunks] = {};

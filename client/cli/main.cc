@@ -169,6 +169,24 @@ pollen::cli::GenerateCommandOptions GenerateOptionsFromFlags() {
 }
 
 // Runs `pollen node` for the model whose config.json is `config`.
+// Returns whether --dtype and --quantize name known values, and prints
+// the error when one does not.
+bool PrecisionFlagsValid() {
+  const auto dtype = pollen::ParseDtype(absl::GetFlag(FLAGS_dtype));
+  if (!dtype.ok()) {
+    std::cerr << "error: --dtype: " << dtype.status().message() << "\n";
+    return false;
+  }
+  const auto quantization =
+      pollen::node::ParseQuantization(absl::GetFlag(FLAGS_quantize));
+  if (!quantization.ok()) {
+    std::cerr << "error: --quantize: " << quantization.status().message()
+              << "\n";
+    return false;
+  }
+  return true;
+}
+
 int RunNode(const pollen::ModelConfig& config) {
   pollen::node::NodeOptions options;
   options.model_dir = absl::GetFlag(FLAGS_model);
@@ -217,18 +235,7 @@ int RunNode(const pollen::ModelConfig& config) {
   options.quantization = absl::GetFlag(FLAGS_quantize);
   options.device = absl::GetFlag(FLAGS_device);
   options.threads = absl::GetFlag(FLAGS_threads);
-  const auto dtype = pollen::ParseDtype(options.dtype);
-  if (!dtype.ok()) {
-    std::cerr << "error: --dtype: " << dtype.status().message() << "\n";
-    return 2;
-  }
-  const auto quantization =
-      pollen::node::ParseQuantization(options.quantization);
-  if (!quantization.ok()) {
-    std::cerr << "error: --quantize: " << quantization.status().message()
-              << "\n";
-    return 2;
-  }
+  if (!PrecisionFlagsValid()) return 2;
   options.session_idle_timeout =
       absl::Seconds(absl::GetFlag(FLAGS_session_idle_timeout_s));
   options.announce_period = absl::Seconds(absl::GetFlag(FLAGS_announce_period_s));
@@ -549,18 +556,7 @@ int main(int argc, char** argv) {
   }
   if (command == "local-swarm") {
     // The nodes would reject these only after they started.
-    const auto dtype = pollen::ParseDtype(absl::GetFlag(FLAGS_dtype));
-    if (!dtype.ok()) {
-      std::cerr << "error: --dtype: " << dtype.status().message() << "\n";
-      return 2;
-    }
-    const auto quantization =
-        pollen::node::ParseQuantization(absl::GetFlag(FLAGS_quantize));
-    if (!quantization.ok()) {
-      std::cerr << "error: --quantize: " << quantization.status().message()
-                << "\n";
-      return 2;
-    }
+    if (!PrecisionFlagsValid()) return 2;
     pollen::cli::LocalSwarmCommandOptions options;
     options.generate = GenerateOptionsFromFlags();
     options.num_nodes = absl::GetFlag(FLAGS_nodes);
