@@ -9,6 +9,7 @@
 #include "client/model_head.h"
 #include "client/remote_chain.h"
 #include "client/sampler.h"
+#include "client/step_group.h"
 #include "client/swarm_client.h"
 #include "client/text_stream.h"
 #include "client/tokenizer.h"
@@ -84,6 +85,17 @@ class Client::Impl {
     };
     return InferenceChain::Open(channels, route, chain_options);
   }
+
+  // Checks `prompt_ids` and returns the positions a session needs for them
+  // and options.max_new_tokens: INVALID_ARGUMENT for an empty prompt, an id
+  // outside the vocabulary, or more positions than the model has.
+  absl::StatusOr<int64_t> SessionLength(const std::vector<int>& prompt_ids,
+                                        const GenerationOptions& options) const;
+
+  // Client::GenerateBatchFromIds.
+  absl::StatusOr<std::vector<GenerationResult>> GenerateBatch(
+      const std::vector<std::vector<int>>& prompts,
+      const GenerationOptions& options, const BatchTextCallback& on_text);
 
   // Feeds `input_ids` after `history` (the ids the chain already holds,
   // plus the last sampled id when it was not fed yet) and samples up to
@@ -289,13 +301,14 @@ absl::StatusOr<GenerationResult> Client::Generate(
                          options, on_text);
 }
 
-absl::StatusOr<GenerationResult> Client::GenerateFromIds(
-    const std::vector<int>& prompt_ids, const GenerationOptions& options,
-    const TextCallback& on_text) {
-  // Check the request before any node reserves cache for it.
-  POLLEN_RETURN_IF_ERROR(ValidateGenerationOptions(options));
-  const int64_t limit = impl_->config().max_position_embeddings;
-  const int64_t prefix = impl_->prefix_length();
+absl::StatusOr<int64_t> Client::Impl::SessionLength(
+    const std::vector<int>& prompt_ids, const GenerationOptions& options) const {
+  POLLEN_RETURN_IF_ERROR(ValidateIds(prompt_ids, config().vocab_size));
+  if (prompt_ids.empty()) {
+    return absl::InvalidArgumentError("nothing to feed: the input has no tokens");
+  }
+  const int64_t limit = config().max_position_embeddings;
+  const int64_t prefix = prefix_length();
   const int64_t max_length =
       prefix + static_cast<int64_t>(prompt_ids.size()) + options.max_new_tokens;
   if (max_length > limit) {
@@ -306,11 +319,164 @@ absl::StatusOr<GenerationResult> Client::GenerateFromIds(
                                   : "",
         " exceeds the model's ", limit, " positions"));
   }
+  return max_length;
+}
+
+absl::StatusOr<GenerationResult> Client::GenerateFromIds(
+    const std::vector<int>& prompt_ids, const GenerationOptions& options,
+    const TextCallback& on_text) {
+  // Check the request before any node reserves cache for it.
+  POLLEN_RETURN_IF_ERROR(ValidateGenerationOptions(options));
+  POLLEN_ASSIGN_OR_RETURN(const int64_t max_length,
+                          impl_->SessionLength(prompt_ids, options));
   POLLEN_ASSIGN_OR_RETURN(std::unique_ptr<InferenceChain> chain,
                           impl_->OpenChain(max_length));
   std::vector<int> history;
   return impl_->Continue(*chain, history, prompt_ids, max_length, options,
                          on_text);
+}
+
+absl::StatusOr<std::vector<GenerationResult>> Client::GenerateBatch(
+    const std::vector<std::string>& prompts, const GenerationOptions& options,
+    const BatchTextCallback& on_text) {
+  std::vector<std::vector<int>> ids;
+  for (const std::string& prompt : prompts) {
+    ids.push_back(impl_->tokenizer->Encode(prompt, /*add_bos=*/true));
+  }
+  return GenerateBatchFromIds(ids, options, on_text);
+}
+
+absl::StatusOr<std::vector<GenerationResult>> Client::GenerateBatchFromIds(
+    const std::vector<std::vector<int>>& prompts,
+    const GenerationOptions& options, const BatchTextCallback& on_text) {
+  return impl_->GenerateBatch(prompts, options, on_text);
+}
+
+namespace {
+
+// One sequence of a batch: its session, and what it has generated.
+struct BatchSequence {
+  std::unique_ptr<InferenceChain> chain;
+  std::vector<int> history;  // the prompt, then every sampled id
+  std::optional<client::TextStream> text;
+  std::optional<client::Sampler> sampler;
+  GenerationResult result;
+  bool done = false;
+};
+
+absl::Status ForPrompt(size_t index, const absl::Status& status) {
+  if (status.ok()) return status;
+  return absl::Status(status.code(),
+                      absl::StrCat("prompt ", index, ": ", status.message()));
+}
+
+}  // namespace
+
+absl::StatusOr<std::vector<GenerationResult>> Client::Impl::GenerateBatch(
+    const std::vector<std::vector<int>>& prompts,
+    const GenerationOptions& options, const BatchTextCallback& on_text) {
+  // Check every prompt before any node reserves cache for one.
+  POLLEN_RETURN_IF_ERROR(ValidateGenerationOptions(options));
+  if (prompts.empty() || prompts.size() > static_cast<size_t>(kMaxBatchPrompts)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "a batch takes 1 to ", kMaxBatchPrompts, " prompts, got ",
+        prompts.size()));
+  }
+  std::vector<int64_t> lengths;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    absl::StatusOr<int64_t> length = SessionLength(prompts[i], options);
+    POLLEN_RETURN_IF_ERROR(ForPrompt(i, length.status()));
+    lengths.push_back(*length);
+  }
+
+  const auto started = std::chrono::steady_clock::now();
+  at::NoGradGuard no_grad;
+  std::vector<BatchSequence> sequences(prompts.size());
+
+  // Samples the next id of sequence `i` from its `output` [1, n, hidden].
+  auto take = [&](size_t i, const at::Tensor& output) -> absl::Status {
+    BatchSequence& sequence = sequences[i];
+    at::Tensor logits;
+    POLLEN_RETURN_IF_ERROR(CatchTorchErrors("computing the logits", [&] {
+      logits = head->Logits(output.slice(1, -1))[0][0];
+      return absl::OkStatus();
+    }));
+    const int next = sequence.sampler->Sample(logits, sequence.history);
+    if (next < 0) {
+      return absl::InternalError(absl::StrCat(
+          "sampling failed at new token ", sequence.result.new_ids.size(),
+          ": the logits are all NaN or -inf, or misshaped (see the log)"));
+    }
+    sequence.history.push_back(next);
+    sequence.result.new_ids.push_back(next);
+    const std::string piece = sequence.text->Push(next);
+    if (on_text && !piece.empty()) on_text(static_cast<int>(i), piece);
+    sequence.done = (options.stop_at_eos && next == config().eos_token_id) ||
+                    static_cast<int>(sequence.result.new_ids.size()) >=
+                        options.max_new_tokens;
+    return absl::OkStatus();
+  };
+
+  // Each prompt through its own session, one at a time.
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    BatchSequence& sequence = sequences[i];
+    absl::StatusOr<std::unique_ptr<InferenceChain>> chain = OpenChain(lengths[i]);
+    POLLEN_RETURN_IF_ERROR(ForPrompt(i, chain.status()));
+    sequence.chain = *std::move(chain);
+    sequence.history = prompts[i];
+    sequence.result.prompt_ids = prompts[i];
+    sequence.text.emplace(*tokenizer, sequence.history);
+    sequence.sampler.emplace(options.sampling);
+    at::Tensor output;
+    POLLEN_RETURN_IF_ERROR(ForPrompt(i, CatchTorchErrors("embedding the prompt", [&] {
+      absl::StatusOr<at::Tensor> stepped =
+          sequence.chain->Step(EmbedInput(prompts[i], /*first_feed=*/true));
+      if (!stepped.ok()) return stepped.status();
+      output = *std::move(stepped);
+      return absl::OkStatus();
+    })));
+    POLLEN_RETURN_IF_ERROR(ForPrompt(i, take(i, output)));
+  }
+
+  // Then one token of every unfinished sequence per step, together.
+  client::StepGroup group;
+  while (true) {
+    std::vector<size_t> active;
+    std::vector<InferenceChain*> chains;
+    std::vector<at::Tensor> inputs;
+    for (size_t i = 0; i < sequences.size(); ++i) {
+      if (sequences[i].done) continue;
+      active.push_back(i);
+      chains.push_back(sequences[i].chain.get());
+      POLLEN_RETURN_IF_ERROR(ForPrompt(i, CatchTorchErrors("embedding the input", [&] {
+        inputs.push_back(EmbedInput({sequences[i].history.back()},
+                                    /*first_feed=*/false));
+        return absl::OkStatus();
+      })));
+    }
+    if (active.empty()) break;
+    std::vector<absl::StatusOr<at::Tensor>> outputs = group.Step(chains, inputs);
+    for (size_t k = 0; k < active.size(); ++k) {
+      POLLEN_RETURN_IF_ERROR(ForPrompt(active[k], outputs[k].status()));
+      POLLEN_RETURN_IF_ERROR(ForPrompt(active[k], take(active[k], *outputs[k])));
+    }
+  }
+
+  const double elapsed_ms = std::chrono::duration<double, std::milli>(
+                                std::chrono::steady_clock::now() - started)
+                                .count();
+  std::vector<GenerationResult> results;
+  for (size_t i = 0; i < sequences.size(); ++i) {
+    BatchSequence& sequence = sequences[i];
+    // Failovers may have changed the route; report the one that finished.
+    sequence.result.route = DescribeRoute(*sequence.chain);
+    const std::string rest = sequence.text->Flush();
+    if (on_text && !rest.empty()) on_text(static_cast<int>(i), rest);
+    sequence.result.text = sequence.text->text();
+    sequence.result.ms_per_token = elapsed_ms / sequence.result.new_ids.size();
+    results.push_back(std::move(sequence.result));
+  }
+  return results;
 }
 
 class ChatSession::Impl {

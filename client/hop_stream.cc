@@ -123,15 +123,20 @@ absl::StatusOr<std::optional<HopStream::StepOutput>> HopStream::Poll(
   }
 
   // The output is copied out of the response, which the next step reuses.
-  StepOutput output;
-  output.draining = response_.draining();
-  const std::string source = absl::StrCat("output of ", DescribeHop(hop_));
-  if (response_.has_hidden_states()) {
+  return StepOutputFromResponse(response_,
+                                absl::StrCat("output of ", DescribeHop(hop_)));
+}
+
+absl::StatusOr<HopStream::StepOutput> StepOutputFromResponse(
+    const v1::InferenceResponse& response, const std::string& source) {
+  HopStream::StepOutput output;
+  output.draining = response.draining();
+  if (response.has_hidden_states()) {
     POLLEN_ASSIGN_OR_RETURN(output.hidden,
-                            TensorFromProto(response_.hidden_states(), source));
+                            TensorFromProto(response.hidden_states(), source));
   }
-  for (const v1::HopOutput& entry : response_.trail()) {
-    TrailEntry& copied = output.trail.emplace_back();
+  for (const v1::HopOutput& entry : response.trail()) {
+    HopStream::TrailEntry& copied = output.trail.emplace_back();
     copied.draining = entry.draining();
     POLLEN_ASSIGN_OR_RETURN(copied.hidden,
                             TensorFromProto(entry.hidden_states(),

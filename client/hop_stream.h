@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
@@ -138,5 +139,10 @@ class HopStream {
   bool failed_ = false;
   bool closed_ = false;
 };
+
+// Copies the output of a step out of `response`, naming `source` in
+// errors about its tensors.
+absl::StatusOr<HopStream::StepOutput> StepOutputFromResponse(
+    const v1::InferenceResponse& response, const std::string& source);
 
 }  // namespace pollen::client

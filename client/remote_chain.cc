@@ -73,18 +73,6 @@ std::string NewSessionId() {
   return absl::StrFormat("%016x%016x", generator(), generator());
 }
 
-// A hop of the chain: its stream and every input it has accepted.
-struct InferenceChain::Hop {
-  scheduler::RouteHop route_hop;
-  std::unique_ptr<HopStream> stream;  // null until opened
-  std::string stream_session_id;      // the session id the stream opened
-  // Hidden states sent to this hop: one [batch, tokens, hidden] tensor per
-  // completed step, or one for a replay. Together they cover positions
-  // [0, position_).
-  std::vector<at::Tensor> inputs;
-  bool draining = false;
-};
-
 InferenceChain::InferenceChain(ChannelPool& channels, ChainOptions options,
                                std::string session_id)
     : channels_(channels),
@@ -268,18 +256,21 @@ absl::Status InferenceChain::RunHops(size_t first, at::Tensor* hidden,
   return absl::OkStatus();
 }
 
-absl::StatusOr<size_t> InferenceChain::RunPushed(at::Tensor* hidden,
-                                                 size_t* failed) {
-  const size_t last = hops_.size() - 1;
-  const int64_t end = position_ + hidden->size(1);
+std::vector<v1::PushTarget> InferenceChain::PushTargets() const {
   std::vector<v1::PushTarget> push_to;
-  for (size_t j = 1; j <= last; ++j) {
+  for (size_t j = 1; j < hops_.size(); ++j) {
     v1::PushTarget& target = push_to.emplace_back();
     target.set_address(hops_[j]->route_hop.server.address);
     target.set_session_id(hops_[j]->stream_session_id);
   }
+  return push_to;
+}
+
+absl::StatusOr<size_t> InferenceChain::RunPushed(at::Tensor* hidden,
+                                                 size_t* failed) {
   *failed = 0;
-  const absl::Status sent = hops_[0]->stream->Send(*hidden, position_, push_to);
+  const absl::Status sent =
+      hops_[0]->stream->Send(*hidden, position_, PushTargets());
   if (!sent.ok()) {
     RecordFailure(hops_[0]->route_hop.server.node_id);
     return sent;
@@ -288,51 +279,65 @@ absl::StatusOr<size_t> InferenceChain::RunPushed(at::Tensor* hidden,
   // The last node replies to a step that went all the way, and a node in
   // between replies only when it could not push. The wait is cut into
   // short slices so the others are checked now and then.
+  const size_t last = hops_.size() - 1;
   const absl::Time deadline = absl::Now() + options_.step_timeout;
-  std::optional<HopStream::StepOutput> output;
-  size_t replied = last;
-  while (!output.has_value()) {
-    for (size_t j = last + 1; j-- > 0 && !output.has_value();) {
-      *failed = j;
-      // The others are only checked: a deadline of now returns at once
-      // (gRPC reads a time before 1970 as no deadline at all).
-      const absl::Time now = absl::Now();
-      const absl::Time until =
-          j == last ? std::min(deadline, now + kPushWatchInterval) : now;
-      absl::StatusOr<std::optional<HopStream::StepOutput>> polled =
-          hops_[j]->stream->Poll(end, until);
-      if (!polled.ok()) {
-        RecordFailure(hops_[j]->route_hop.server.node_id);
-        return polled.status();
-      }
-      if (polled->has_value()) {
-        output = std::move(*polled);
-        replied = j;
-      }
+  while (true) {
+    const absl::Time until =
+        std::min(deadline, absl::Now() + kPushWatchInterval);
+    absl::StatusOr<std::optional<PushReply>> polled =
+        PollPushed(hidden->size(1), last, until, failed);
+    if (!polled.ok()) return polled.status();
+    if (polled->has_value()) {
+      return AcceptPushed(std::move((*polled)->output), (*polled)->hop, hidden,
+                          failed);
     }
-    if (!output.has_value() && absl::Now() >= deadline) {
+    if (absl::Now() >= deadline) {
       *failed = last;
       return absl::DeadlineExceededError(absl::StrCat(
           "no node replied to the pushed step at position ", position_,
           " within ", absl::FormatDuration(options_.step_timeout)));
     }
   }
+}
 
+absl::StatusOr<std::optional<InferenceChain::PushReply>>
+InferenceChain::PollPushed(int64_t new_tokens, size_t wait_hop,
+                           absl::Time until, size_t* failed) {
+  const int64_t end = position_ + new_tokens;
+  for (size_t j = hops_.size(); j-- > 0;) {
+    *failed = j;
+    // The others are only checked: a deadline of now returns at once
+    // (gRPC reads a time before 1970 as no deadline at all).
+    absl::StatusOr<std::optional<HopStream::StepOutput>> polled =
+        hops_[j]->stream->Poll(end, j == wait_hop ? until : absl::Now());
+    if (!polled.ok()) {
+      RecordFailure(hops_[j]->route_hop.server.node_id);
+      return polled.status();
+    }
+    if (polled->has_value()) return PushReply{j, std::move(**polled)};
+  }
+  return std::nullopt;
+}
+
+absl::StatusOr<size_t> InferenceChain::AcceptPushed(HopStream::StepOutput output,
+                                                    size_t replied,
+                                                    at::Tensor* hidden,
+                                                    size_t* failed) {
   // The trail contains the outputs of the hops before the one that replied.
-  if (output->trail.size() != replied) {
+  if (output.trail.size() != replied) {
     *failed = replied;
     return absl::InternalError(absl::StrCat(
         DescribeHop(hops_[replied]->route_hop), " replied with ",
-        output->trail.size(), " trail entries, expected ", replied));
+        output.trail.size(), " trail entries, expected ", replied));
   }
   hops_[0]->inputs.push_back(*hidden);
   for (size_t k = 0; k < replied; ++k) {
-    hops_[k]->draining = hops_[k]->draining || output->trail[k].draining;
-    hops_[k + 1]->inputs.push_back(std::move(output->trail[k].hidden));
+    hops_[k]->draining = hops_[k]->draining || output.trail[k].draining;
+    hops_[k + 1]->inputs.push_back(std::move(output.trail[k].hidden));
   }
-  hops_[replied]->draining = hops_[replied]->draining || output->draining;
-  *hidden = std::move(output->hidden);
-  return replied == last ? hops_.size() : replied + 1;
+  hops_[replied]->draining = hops_[replied]->draining || output.draining;
+  *hidden = std::move(output.hidden);
+  return replied == hops_.size() - 1 ? hops_.size() : replied + 1;
 }
 
 absl::StatusOr<size_t> InferenceChain::RestartAllBut(size_t failed) {
@@ -345,23 +350,50 @@ absl::StatusOr<size_t> InferenceChain::RestartAllBut(size_t failed) {
   return failed;
 }
 
-absl::StatusOr<at::Tensor> InferenceChain::Step(const at::Tensor& hidden) {
+bool InferenceChain::CanPush() const {
   // A push names the sessions of the later hops, so every hop must be open.
-  bool push = options_.push && !push_stopped_ && hops_.size() > 1;
-  for (size_t i = 0; push && i < hops_.size(); ++i) {
-    if (hops_[i]->stream == nullptr) push = false;
+  if (!options_.push || push_stopped_ || hops_.size() < 2) return false;
+  for (const auto& hop : hops_) {
+    if (hop->stream == nullptr) return false;
   }
+  return true;
+}
 
+absl::StatusOr<at::Tensor> InferenceChain::Step(const at::Tensor& hidden) {
+  return FinishStep(hidden, std::nullopt);
+}
+
+absl::StatusOr<at::Tensor> InferenceChain::FinishStep(
+    const at::Tensor& hidden, std::optional<Attempt> attempt) {
+  bool push = !attempt.has_value() && CanPush();
   at::Tensor current = hidden;
   size_t first = 0;
   int failovers_this_step = 0;
   while (true) {
     size_t failed = first;
-    const bool pushed = push;
+    bool pushed = push;
+    absl::StatusOr<size_t> resume;
+    if (attempt.has_value()) {
+      // A StepGroup made the first attempt.
+      pushed = attempt->pushed;
+      resume = std::move(attempt->resume);
+      current = std::move(attempt->current);
+      failed = attempt->failed;
+      attempt.reset();
+    } else if (push) {
+      resume = RunPushed(&current, &failed);
+    } else {
+      const absl::Status ran = RunHops(first, &current, &failed);
+      if (ran.ok()) {
+        resume = hops_.size();
+      } else {
+        resume = ran;
+      }
+    }
+    push = false;
+
     absl::Status status;
-    if (push) {
-      push = false;
-      absl::StatusOr<size_t> resume = RunPushed(&current, &failed);
+    if (pushed) {
       if (resume.ok() && *resume == hops_.size()) break;
       push_stopped_ = true;
       if (resume.ok()) {
@@ -380,8 +412,8 @@ absl::StatusOr<at::Tensor> InferenceChain::Step(const at::Tensor& hidden) {
       }
       status = resume.status();
     } else {
-      status = RunHops(first, &current, &failed);
-      if (status.ok()) break;
+      if (resume.ok()) break;
+      status = resume.status();
     }
 
     // The hop failed: move its blocks to other nodes and run this step

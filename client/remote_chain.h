@@ -12,6 +12,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -23,6 +24,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "client/hop_stream.h"
 #include "common/channel_pool.h"
 #include "pollen/v1/pollen.grpc.pb.h"
 #include "scheduler/route.h"
@@ -93,7 +95,64 @@ class InferenceChain {
   void Close();
 
  private:
-  struct Hop;
+  // StepGroup sends the steps of several chains together and hands each
+  // chain the outcome (FinishStep).
+  friend class StepGroup;
+
+  // A hop of the chain: its stream and every input it has accepted.
+  struct Hop {
+    scheduler::RouteHop route_hop;
+    std::unique_ptr<HopStream> stream;  // null until opened
+    std::string stream_session_id;      // the session id the stream opened
+    // Hidden states sent to this hop: one [batch, tokens, hidden] tensor
+    // per completed step, or one for a replay. Together they cover
+    // positions [0, position_).
+    std::vector<at::Tensor> inputs;
+    bool draining = false;
+  };
+
+  // The outcome of a step's first attempt through the hops, as RunPushed
+  // (pushed) or RunHops (relayed, from hop 0) leave it.
+  struct Attempt {
+    bool pushed = false;
+    // Pushed: as RunPushed returns. Relayed: hops_.size() when the step
+    // went through, the hop's error otherwise.
+    absl::StatusOr<size_t> resume;
+    // The last output, or the input of the hop named by `failed`.
+    at::Tensor current;
+    size_t failed = 0;
+  };
+
+  // A reply to a pushed step and the hop that sent it.
+  struct PushReply {
+    size_t hop = 0;
+    HopStream::StepOutput output;
+  };
+
+  // Whether the next step may be pushed: push is on and has not failed,
+  // and every hop is open.
+  bool CanPush() const;
+  // Runs a step of `hidden`: the first attempt when `attempt` is empty, or
+  // goes on from `attempt`. Then fails over, relays after a failed push,
+  // and moves off draining nodes as needed, and returns the last output.
+  absl::StatusOr<at::Tensor> FinishStep(const at::Tensor& hidden,
+                                        std::optional<Attempt> attempt);
+  // The sessions of hops 1 and later, for a push from hop 0.
+  std::vector<v1::PushTarget> PushTargets() const;
+  // Checks every hop's stream for the reply to the pushed step of
+  // `new_tokens` at position_, waiting until `until` on hop `wait_hop` only
+  // (none when it is past the last hop). Returns nullopt when no reply
+  // came; on a stream's failure, `failed` names its hop.
+  absl::StatusOr<std::optional<PushReply>> PollPushed(int64_t new_tokens,
+                                                      size_t wait_hop,
+                                                      absl::Time until,
+                                                      size_t* failed);
+  // Takes the reply of hop `replied` to a pushed step of input `*hidden`:
+  // keeps every hop's input, sets `*hidden` to the output and returns as
+  // RunPushed.
+  absl::StatusOr<size_t> AcceptPushed(HopStream::StepOutput output,
+                                      size_t replied, at::Tensor* hidden,
+                                      size_t* failed);
 
   InferenceChain(ChannelPool& channels, ChainOptions options,
                  std::string session_id);

@@ -5,6 +5,9 @@ set -euo pipefail
 packages=(
   build-essential cmake ninja-build ccache pkg-config git
   libtorch-dev
+  # tcmalloc for the pollen binary: a step allocates many small protobuf
+  # messages and tensors, and glibc's malloc took about 12% of a node.
+  libgoogle-perftools-dev
   # Debian's libtorch calls a generic BLAS; OpenBLAS makes matrix products
   # about 17x faster.
   libopenblas0-pthread

@@ -13,6 +13,7 @@
 #include "node/inference_reactor.h"
 #include "node/push_receiver.h"
 #include "node/session_manager.h"
+#include "node/session_steps_reactor.h"
 #include "node/training_reactor.h"
 
 namespace pollen::node {
@@ -136,6 +137,8 @@ void BlockServiceImpl::StartAccepting(CallLoop* loop) {
   using InferenceCall =
       ServerStreamCall<v1::InferenceRequest, v1::InferenceResponse>;
   using PushCall = ServerStreamCall<v1::PushRequest, v1::PushRejection>;
+  using StepsCall =
+      ServerStreamCall<v1::SessionStepsRequest, v1::SessionStepsResponse>;
   using TrainingCall = ServerStreamCall<v1::PayloadChunk, v1::PayloadChunk>;
 
   // Each reactor deletes itself in OnDone.
@@ -151,6 +154,13 @@ void BlockServiceImpl::StartAccepting(CallLoop* loop) {
       StreamRequest<PushCall>(this, &BlockServiceImpl::RequestPushSteps, queue),
       [this](std::unique_ptr<PushCall> call) {
         new PushReceiver(context_, std::move(call));
+      });
+  CallAcceptor<StepsCall>::Start(
+      loop,
+      StreamRequest<StepsCall>(this, &BlockServiceImpl::RequestSessionSteps,
+                               queue),
+      [this](std::unique_ptr<StepsCall> call) {
+        new SessionStepsReactor(context_, std::move(call));
       });
   CallAcceptor<TrainingCall>::Start(
       loop,

@@ -1,5 +1,5 @@
-// The gRPC BlockService of a node: Inference streams, Info, MoveBlocks and
-// the Forward and Backward passes of training.
+// The gRPC BlockService of a node: Inference, PushSteps and SessionSteps
+// streams, Info, MoveBlocks and the Forward and Backward passes of training.
 //
 // This layer converts between protobuf and domain objects and between
 // absl::Status and grpc::Status; the work happens in BlockSpan,
@@ -17,6 +17,7 @@
 #include "common/model_config.h"
 #include "node/call_loop.h"
 #include "node/compute_queue.h"
+#include "node/session_steps_reactor.h"
 #include "node/step_pusher.h"
 #include "pollen/v1/pollen.grpc.pb.h"
 
@@ -90,6 +91,8 @@ struct ServiceContext {
   ComputeQueue compute;
   // Sends step outputs to the next node when a client requests a push. A
   // step that comes back goes to the session that pushed it.
+  // Open SessionSteps streams, through which steps may ask for replies.
+  ReplyStreams reply_streams;
   StepPusher pusher{[this](std::unique_ptr<v1::PushedStep> pushed,
                            absl::Status reason) {
     ReturnPushedStep(this, std::move(pushed), reason);

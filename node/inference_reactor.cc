@@ -14,6 +14,7 @@
 #include "node/block_span.h"
 #include "node/compute_queue.h"
 #include "node/session_manager.h"
+#include "node/session_steps_reactor.h"
 #include "node/step_pusher.h"
 
 namespace pollen::node {
@@ -119,6 +120,23 @@ void StepMailbox::Detach() {
   reactor_ = nullptr;
 }
 
+absl::Status DeliverStep(ServiceContext* context, v1::InferenceStep* step,
+                         std::vector<StepTask>* tasks) {
+  if (step->session_id().empty() ||
+      step->session_id().size() > static_cast<size_t>(kMaxSessionIdLength)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "step.session_id must have 1 to ", kMaxSessionIdLength,
+        " characters, got ", step->session_id().size()));
+  }
+  POLLEN_ASSIGN_OR_RETURN(std::shared_ptr<Session> session,
+                          context->sessions->Find(step->session_id()));
+  if (session->request.mailbox == nullptr) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "session '", step->session_id(), "' does not take pushed steps"));
+  }
+  return session->request.mailbox->Deliver(session, step, tasks);
+}
+
 void ReturnPushedStep(ServiceContext* context,
                       std::unique_ptr<v1::PushedStep> pushed,
                       const absl::Status& reason) {
@@ -215,10 +233,13 @@ absl::StatusOr<at::Tensor> InferenceReactor::ReservePush(
         "session '", session_id, "' is running another step; send this one ",
         "through the client"));
   }
-  if (step->trail().empty() || step->has_hidden_states()) {
+  // A node pushes its output as the last trail entry; a client's step
+  // from a SessionSteps stream carries hidden_states and no trail. The
+  // receivers check which one they expect.
+  if (step->trail().empty() == !step->has_hidden_states()) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "a pushed step carries its input as the last trail entry and no "
-        "hidden_states; got ", step->trail_size(), " trail entries and ",
+        "a step carries its input either as hidden_states or as the last "
+        "trail entry; got ", step->trail_size(), " trail entries and ",
         step->has_hidden_states() ? "" : "no ", "hidden_states"));
   }
   {
@@ -339,6 +360,17 @@ void InferenceReactor::StepDone(StepSource source,
   // A pushed step's input is no longer needed, and its trail travels on.
   if (source == StepSource::kPush) reply.trail.Swap(pushed_step_.mutable_trail());
   if (step.push_to().empty()) {
+    if (!step.reply_stream_id().empty()) {
+      std::shared_ptr<ReplySink> sink =
+          context_->reply_streams.Find(step.reply_stream_id());
+      if (sink != nullptr) {
+        ReplyThrough(source, step, std::move(sink), std::move(reply));
+        return;
+      }
+      POLLEN_LOG_DEBUG("session {}: no SessionSteps stream '{}'; replying on "
+                       "the session's stream",
+                       session_->request.session_id, step.reply_stream_id());
+    }
     EndStep(absl::OkStatus(), std::move(reply));
     return;
   }
@@ -350,6 +382,7 @@ void InferenceReactor::StepDone(StepSource source,
   v1::InferenceStep* next = pushed->mutable_step();
   next->set_session_id(step.push_to(0).session_id());
   next->set_position(step.position());
+  next->set_reply_stream_id(step.reply_stream_id());
   for (int i = 1; i < step.push_to_size(); ++i) {
     *next->add_push_to() = step.push_to(i);
   }
@@ -384,6 +417,42 @@ void InferenceReactor::StepDone(StepSource source,
   }
   context->pusher.Push(address, next_block, std::move(pushed));
   StepPusher::Batch::RunAfterPushes([this] { StartReservedRead(); });
+}
+
+void InferenceReactor::ReplyThrough(StepSource source,
+                                    const v1::InferenceStep& step,
+                                    std::shared_ptr<ReplySink> sink,
+                                    Reply reply) {
+  v1::SessionReply session_reply;
+  session_reply.set_session_id(session_->request.session_id);
+  v1::InferenceResponse* response = session_reply.mutable_response();
+  const absl::Status encoded =
+      CatchTorchErrors("encoding the step's output", [&] {
+        return TensorToProto(reply.hidden, response->mutable_hidden_states(),
+                             compression_);
+      });
+  if (!encoded.ok()) {
+    EndStep(encoded, Reply{});
+    return;
+  }
+  response->set_position(reply.position);
+  response->mutable_trail()->Swap(&reply.trail);
+  response->set_draining(Draining());
+  const std::string stream_id = step.reply_stream_id();
+
+  // As after a push: once the step has ended, and without a reserved read,
+  // the stream may finish and `this` be deleted.
+  bool finishing = false;
+  absl::Status finish;
+  const bool reserved = EndStepUnanswered(source, &finishing, &finish);
+  if (finishing) SendFinish(finish);
+  const std::string session_id = session_reply.session_id();
+  if (!sink->Send(std::move(session_reply))) {
+    POLLEN_LOG_WARN("session {}: SessionSteps stream '{}' ended before the "
+                    "reply; the client gets none",
+                    session_id, stream_id);
+  }
+  if (reserved) StepPusher::Batch::RunAfterPushes([this] { StartReservedRead(); });
 }
 
 void InferenceReactor::StartReservedRead() {

@@ -17,6 +17,7 @@
 #include "google/protobuf/repeated_ptr_field.h"
 #include "node/block_service.h"
 #include "node/call_loop.h"
+#include "node/session_steps_reactor.h"
 #include "node/step_batcher.h"
 #include "pollen/v1/pollen.grpc.pb.h"
 
@@ -60,6 +61,14 @@ class StepMailbox {
   absl::Mutex mu_;
   InferenceReactor* reactor_ ABSL_GUARDED_BY(mu_);
 };
+
+// Hands `step`, which names its session, to that session's reactor as a
+// pushed step and appends the task that runs it to `tasks`. Returns the
+// reason it cannot run, with `step` untouched: INVALID_ARGUMENT for a bad
+// session id or step, NOT_FOUND for a session that is not open here, and
+// the others of StepMailbox::Deliver.
+absl::Status DeliverStep(ServiceContext* context, v1::InferenceStep* step,
+                         std::vector<StepTask>* tasks);
 
 // Reads requests one at a time and replies to each step once, whether it
 // came on the stream or from a push. Steps run through the session
@@ -150,6 +159,11 @@ class InferenceReactor final
   // Starts the read that EndStepUnanswered reserved, then sends a finish
   // that waited for it.
   void StartReservedRead();
+
+  // Ends the running step and sends `reply` through `sink`, the
+  // SessionSteps stream that the step names, instead of this stream.
+  void ReplyThrough(StepSource source, const v1::InferenceStep& step,
+                    std::shared_ptr<ReplySink> sink, Reply reply);
 
   // Writes `reply` now, or after the write in progress.
   void QueueReply(Reply reply);

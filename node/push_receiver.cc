@@ -10,28 +10,6 @@
 #include "node/session_manager.h"
 
 namespace pollen::node {
-namespace {
-
-// Hands `step` to its session and appends the task that runs it.
-absl::Status Deliver(ServiceContext* context, v1::InferenceStep* step,
-                     std::vector<StepTask>* tasks) {
-  if (step->session_id().empty() ||
-      step->session_id().size() > static_cast<size_t>(kMaxSessionIdLength)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "step.session_id must have 1 to ", kMaxSessionIdLength,
-        " characters, got ", step->session_id().size()));
-  }
-  POLLEN_ASSIGN_OR_RETURN(std::shared_ptr<Session> session,
-                          context->sessions->Find(step->session_id()));
-  if (session->request.mailbox == nullptr) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "session '", step->session_id(), "' does not take pushed steps"));
-  }
-  return session->request.mailbox->Deliver(session, step, tasks);
-}
-
-}  // namespace
-
 PushReceiver::PushReceiver(ServiceContext* context, std::unique_ptr<Call> call)
     : ServerStreamReactor(std::move(call)), context_(context), peer_(peer()) {
   POLLEN_LOG_DEBUG("push stream from {} opened", peer_);
@@ -52,7 +30,15 @@ void PushReceiver::OnReadDone(bool ok) {
   request.Swap(&request_);
   std::vector<StepTask> tasks;
   for (v1::PushedStep& pushed : *request.mutable_steps()) {
-    const absl::Status status = Deliver(context_, pushed.mutable_step(), &tasks);
+    const v1::InferenceStep& step = pushed.step();
+    const absl::Status status =
+        step.trail().empty() || step.has_hidden_states()
+            ? absl::InvalidArgumentError(absl::StrCat(
+                  "a pushed step carries its input as the last trail entry "
+                  "and no hidden_states; got ",
+                  step.trail_size(), " trail entries and ",
+                  step.has_hidden_states() ? "" : "no ", "hidden_states"))
+            : DeliverStep(context_, pushed.mutable_step(), &tasks);
     if (!status.ok()) Reject(std::move(pushed), status);
   }
 

@@ -17,6 +17,8 @@ nlohmann::json BenchResultToJson(const BenchResult& result) {
       {"sessions", result.sessions},
       {"aggregate_tok_s", result.aggregate_tok_s},
       {"aggregate_ratio", result.aggregate_ratio},
+      {"threaded_aggregate_tok_s", result.threaded_aggregate_tok_s},
+      {"threaded_aggregate_ratio", result.threaded_aggregate_ratio},
       {"bandwidth_gb_s", result.bandwidth.bytes_per_s / 1e9},
       {"bound_fraction", result.bound_fraction},
       {"model_id", result.model_id},
@@ -64,9 +66,14 @@ std::string FormatBenchReport(const BenchResult& result) {
   absl::StrAppendFormat(&out, "%-18s %.3f ms per node per token\n",
                         "hop overhead", result.hop_overhead_ms);
   absl::StrAppendFormat(
-      &out, "%-18s %.2f tok/s in all, %.2f times one swarm session\n",
+      &out,
+      "%-18s %.2f tok/s in all, %.2f times one swarm session (grouped steps)\n",
       absl::StrCat(result.sessions, " sessions"), result.aggregate_tok_s,
       result.aggregate_ratio);
+  absl::StrAppendFormat(
+      &out,
+      "%-18s %.2f tok/s in all, %.2f times one swarm session (a thread each)\n",
+      "", result.threaded_aggregate_tok_s, result.threaded_aggregate_ratio);
   absl::StrAppendFormat(&out, "%-18s %.2f GB/s (%s)\n", "memory bandwidth",
                         result.bandwidth.bytes_per_s / 1e9,
                         result.bandwidth.Describe());

@@ -14,7 +14,8 @@ namespace pollen::bench {
 // decode_ratio, local_prefill_tok_s, swarm_prefill_tok_s, prefill_ratio,
 // hop_overhead_ms, sessions, aggregate_tok_s, aggregate_ratio,
 // bandwidth_gb_s (10^9 bytes per second) and bound_fraction. It also
-// contains the setup (model_id, num_blocks, dtype, threads, nodes,
+// contains threaded_aggregate_tok_s and threaded_aggregate_ratio, the
+// setup (model_id, num_blocks, dtype, threads, nodes,
 // prompt_tokens, new_tokens, repetitions), tokens_match, mismatch (empty
 // when the tokens match), new_ids, weight_bytes, bound_tok_s and
 // bandwidth_method.

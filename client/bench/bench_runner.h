@@ -44,8 +44,8 @@ struct BenchOptions {
   MemoryBandwidthOptions bandwidth;
 };
 
-// Largest BenchOptions::sessions; each session is a thread of this
-// process and a KV cache on every node.
+// Largest BenchOptions::sessions; each session is a KV cache on every
+// node, and a thread of this process in the threaded measurement.
 inline constexpr int kMaxBenchSessions = 256;
 
 // Speeds are medians over the repetitions, in tokens per second.
@@ -70,12 +70,17 @@ struct BenchResult {
   double swarm_decode_tok_s = 0;
   double swarm_prefill_tok_s = 0;
   // Decode tokens of all sessions per second of wall time, with `sessions`
-  // sessions decoding at once through the nodes.
+  // sessions decoding at once through the nodes: driven by one thread
+  // through a StepGroup, so that each step of all of them travels in one
+  // message per node...
   double aggregate_tok_s = 0;
+  // ...and each on a thread and streams of its own, as separate clients.
+  double threaded_aggregate_tok_s = 0;
 
   double decode_ratio = 0;     // swarm / local decode
   double prefill_ratio = 0;    // swarm / local prefill
   double aggregate_ratio = 0;  // aggregate / one swarm session's decode
+  double threaded_aggregate_ratio = 0;  // the same for threaded sessions
   // Extra milliseconds per decoded token per node:
   // (swarm ms per token - local ms per token) / nodes.
   double hop_overhead_ms = 0;

@@ -99,6 +99,16 @@ absl::Status GreedyDecoder::Decode(int steps) {
   return absl::OkStatus();
 }
 
+absl::Status GreedyDecoder::Append(int id, double seconds) {
+  if (new_ids_.empty()) {
+    return absl::FailedPreconditionError("decoding needs a prefill first");
+  }
+  decode_seconds_ += seconds;
+  ++decode_steps_;
+  new_ids_.push_back(id);
+  return absl::OkStatus();
+}
+
 absl::StatusOr<int> GreedyDecoder::Step(const std::vector<int>& ids) {
   c10::InferenceMode inference_mode;
   const std::vector<int64_t> wide(ids.begin(), ids.end());
@@ -110,17 +120,26 @@ absl::StatusOr<int> GreedyDecoder::Step(const std::vector<int>& ids) {
 
   POLLEN_ASSIGN_OR_RETURN(const at::Tensor output, run_blocks_(hidden));
 
-  // Logits of the last position only: [vocab] in float32 on the CPU. The
-  // first largest logit wins, as in argmax, and a NaN anywhere fails below.
+  // Logits of the last position only: [vocab] in float32 on the CPU.
+  at::Tensor logits;
+  POLLEN_RETURN_IF_ERROR(CatchTorchErrors("computing the logits", [&] {
+    logits = head_.Logits(output.slice(1, -1)).reshape({-1});
+    return absl::OkStatus();
+  }));
+  return GreedyPick(logits, static_cast<int>(new_ids_.size()));
+}
+
+absl::StatusOr<int> GreedyPick(const at::Tensor& logits, int token_index) {
   int64_t next = -1;
   float best = 0;
-  POLLEN_RETURN_IF_ERROR(CatchTorchErrors("computing the logits", [&] {
-    const at::Tensor logits =
-        head_.Logits(output.slice(1, -1)).reshape({-1}).to(at::kCPU).contiguous();
-    const float* values = logits.data_ptr<float>();
+  POLLEN_RETURN_IF_ERROR(CatchTorchErrors("picking the next token", [&] {
+    const at::Tensor values_cpu = logits.to(at::kCPU, at::kFloat).contiguous();
+    const float* values = values_cpu.data_ptr<float>();
+    // The first largest logit wins, as in argmax, and a NaN anywhere fails
+    // below.
     next = 0;
     best = values[0];
-    for (int64_t i = 0; i < logits.numel(); ++i) {
+    for (int64_t i = 0; i < values_cpu.numel(); ++i) {
       if (std::isnan(values[i])) {
         best = values[i];
         next = i;
@@ -135,7 +154,7 @@ absl::StatusOr<int> GreedyDecoder::Step(const std::vector<int>& ids) {
   }));
   if (!std::isfinite(best)) {
     return absl::InternalError(absl::StrCat(
-        "the logits after token ", new_ids_.size(),
+        "the logits after token ", token_index,
         " are not all finite; the weights make the activations overflow"));
   }
   return static_cast<int>(next);

@@ -29,6 +29,11 @@ using BlockRunner =
 absl::StatusOr<BlockRunner> MakeLocalBlockRunner(
     std::shared_ptr<const node::BlockSpan> span, int64_t max_length);
 
+// The index of the first largest value of `logits` [vocab], as argmax.
+// Returns INTERNAL, naming the logits after `token_index` new tokens, when
+// any value is not finite.
+absl::StatusOr<int> GreedyPick(const at::Tensor& logits, int token_index);
+
 // One greedy generation, timed in two phases: the prompt in one step
 // (prefill), then one token per step (decode). Each phase's time covers
 // the embedding, the blocks, the final norm and LM head, and the argmax.
@@ -47,6 +52,11 @@ class GreedyDecoder {
   // Runs `steps` decode steps, each feeding the last new token and
   // picking the next. Requires Prefill first (FAILED_PRECONDITION).
   absl::Status Decode(int steps);
+
+  // Records `id` as the pick of one decode step that took `seconds`, for a
+  // caller that runs the blocks and LM head of several decoders at once.
+  // Requires Prefill first (FAILED_PRECONDITION).
+  absl::Status Append(int id, double seconds);
 
   // Tokens picked so far: one from Prefill, then one per decode step.
   const std::vector<int>& new_ids() const { return new_ids_; }

@@ -16,6 +16,7 @@
 #include "common/tensor_codec.h"
 #include "node/step_pusher.h"
 #include "pollen/v1/pollen.grpc.pb.h"
+#include "tests/support/raw_session.h"
 #include "tests/support/swarm_fixture.h"
 #include "tests/support/test_support.h"
 
@@ -25,16 +26,7 @@ namespace {
 constexpr int kHidden = 64;  // stories260k
 constexpr char kModelId[] = "stories-push";
 
-using Stream =
-    grpc::ClientReaderWriter<v1::InferenceRequest, v1::InferenceResponse>;
-
-// One open Inference session on one node.
-struct Session {
-  std::unique_ptr<v1::BlockService::Stub> stub;
-  grpc::ClientContext context;
-  std::unique_ptr<Stream> stream;
-  std::string id;
-};
+using Session = RawSession;
 
 class PushTest : public ::testing::Test {
  protected:
@@ -56,24 +48,7 @@ class PushTest : public ::testing::Test {
   static std::unique_ptr<Session> Open(const std::string& address,
                                        const std::string& id, int start,
                                        int end) {
-    auto session = std::make_unique<Session>();
-    session->id = id;
-    session->stub = v1::BlockService::NewStub(
-        grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
-    session->context.set_deadline(std::chrono::system_clock::now() +
-                                  std::chrono::seconds(60));
-    session->stream = session->stub->Inference(&session->context);
-    v1::InferenceRequest request;
-    v1::InferenceOpen* open = request.mutable_open();
-    open->set_model_id(kModelId);
-    open->mutable_blocks()->set_start(start);
-    open->mutable_blocks()->set_end(end);
-    open->set_max_length(16);
-    open->set_session_id(id);
-    v1::InferenceResponse response;
-    EXPECT_TRUE(session->stream->Write(request));
-    EXPECT_TRUE(session->stream->Read(&response));
-    return session;
+    return OpenRawSession(address, kModelId, id, start, end);
   }
 
   static v1::InferenceRequest Step(const at::Tensor& hidden, int position) {

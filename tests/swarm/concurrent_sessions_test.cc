@@ -1,6 +1,6 @@
 // Several clients generate at once through the same nodes, whose steps then
-// share batched passes and chunked prefills: each gets the tokens it gets
-// alone.
+// share batched passes and chunked prefills, and one client generates a
+// batch: each sequence gets the tokens it gets alone.
 #include <gtest/gtest.h>
 
 #include <string>
@@ -8,6 +8,7 @@
 #include <tuple>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "pollen/client.h"
 #include "tests/support/swarm_fixture.h"
 #include "tests/support/test_support.h"
@@ -89,6 +90,102 @@ TEST(ConcurrentSessions, GetTheirTokensAlone) {
       EXPECT_EQ(results[i]->new_ids, alone[i]);
     }
   }
+}
+
+// A batch runs its sequences' decode steps together, one message per node
+// and step: relayed or pushed, greedy or sampled, each sequence gets the
+// tokens it gets alone.
+TEST(ConcurrentSessions, BatchGetsTheTokensOfEachAlone) {
+  LocalSwarm swarm;
+  for (const auto& [start, end] : {std::pair{0, 2}, std::pair{2, 5}}) {
+    auto index = swarm.StartNode(Stories260kDir(), kModelId, start, end);
+    ASSERT_TRUE(index.ok()) << index.status();
+  }
+  const std::vector<std::vector<int>> prompts = Prompts();
+  GenerationOptions greedy;
+  greedy.max_new_tokens = kNewTokens;
+  greedy.stop_at_eos = false;
+  GenerationOptions sampled = greedy;
+  sampled.sampling.temperature = 0.8f;
+  sampled.sampling.top_k = 50;
+  sampled.sampling.seed = 5;
+
+  for (const bool push : {false, true}) {
+    ClientOptions client_options;
+    client_options.model_dir = Stories260kDir();
+    client_options.model_id = kModelId;
+    client_options.initial_peers = {swarm.peer()};
+    client_options.discovery_wait = absl::Seconds(20);
+    client_options.push = push;
+    auto client = Client::Connect(client_options);
+    ASSERT_TRUE(client.ok()) << client.status();
+
+    for (const GenerationOptions& options : {greedy, sampled}) {
+      SCOPED_TRACE(absl::StrCat(push ? "push, " : "relay, ",
+                                options.sampling.temperature > 0 ? "sampled"
+                                                                 : "greedy"));
+      std::vector<std::vector<int>> alone;
+      for (const std::vector<int>& prompt : prompts) {
+        auto result = (*client)->GenerateFromIds(prompt, options);
+        ASSERT_TRUE(result.ok()) << result.status();
+        alone.push_back(result->new_ids);
+      }
+
+      std::vector<std::string> streamed(prompts.size());
+      auto batch = (*client)->GenerateBatchFromIds(
+          prompts, options, [&streamed](int sequence, const std::string& piece) {
+            streamed[sequence] += piece;
+          });
+      ASSERT_TRUE(batch.ok()) << batch.status();
+      ASSERT_EQ(batch->size(), prompts.size());
+      for (size_t i = 0; i < prompts.size(); ++i) {
+        SCOPED_TRACE(i);
+        EXPECT_EQ((*batch)[i].new_ids, alone[i]);
+        EXPECT_EQ((*batch)[i].prompt_ids, prompts[i]);
+        EXPECT_EQ((*batch)[i].text, streamed[i]);
+        EXPECT_EQ((*batch)[i].route.size(), 2u);
+      }
+    }
+  }
+}
+
+TEST(ConcurrentSessions, BadBatchesFailBeforeAnySessionOpens) {
+  LocalSwarm swarm;
+  auto index = swarm.StartNode(Stories260kDir(), kModelId, 0, 5);
+  ASSERT_TRUE(index.ok()) << index.status();
+  std::unique_ptr<Client> client = Connect(swarm);
+  ASSERT_NE(client, nullptr);
+  GenerationOptions options;
+  options.max_new_tokens = 4;
+
+  auto empty = client->GenerateBatchFromIds({}, options);
+  EXPECT_EQ(empty.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(empty.status().message().find("got 0"), std::string::npos)
+      << empty.status();
+
+  auto too_many = client->GenerateBatchFromIds(
+      std::vector<std::vector<int>>(kMaxBatchPrompts + 1, {1}), options);
+  EXPECT_EQ(too_many.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(too_many.status().message().find("257"), std::string::npos)
+      << too_many.status();
+
+  auto bad_id = client->GenerateBatchFromIds({{1, 2}, {1, 100000}}, options);
+  EXPECT_EQ(bad_id.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad_id.status().message().find("prompt 1: token id 100000"),
+            std::string::npos)
+      << bad_id.status();
+
+  options.max_new_tokens = 4096;
+  auto too_long = client->GenerateBatch({"Once upon a time"}, options);
+  EXPECT_EQ(too_long.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(too_long.status().message().find("prompt 0:"), std::string::npos)
+      << too_long.status();
+
+  // The client still works.
+  options.max_new_tokens = 4;
+  auto fine = client->GenerateBatch({"Once upon a time", "The cat"}, options);
+  ASSERT_TRUE(fine.ok()) << fine.status();
+  EXPECT_EQ(fine->size(), 2u);
 }
 
 }  // namespace

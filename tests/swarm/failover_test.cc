@@ -222,6 +222,51 @@ TEST_F(FailoverTest, RandomKillsDuringGenerationKeepTokens) {
   }
 }
 
+// The sequences of a batch fail over one by one while the others go on,
+// relayed and pushed, and each keeps its tokens.
+TEST_F(FailoverTest, BatchSurvivesKilledNodes) {
+  constexpr int kNewTokens = 32;
+  std::vector<std::vector<int>> prompts;
+  for (int i = 0; i < 3; ++i) {
+    std::vector<int> prompt = kStoriesPromptIds;
+    for (int j = 0; j < 2 * i; ++j) prompt.push_back(kStoriesReferenceIds[j]);
+    prompts.push_back(prompt);
+  }
+  for (const bool push : {false, true}) {
+    SCOPED_TRACE(push ? "push" : "relay");
+    std::unique_ptr<Client> client = Connect(push);
+    ASSERT_NE(client, nullptr);
+    std::vector<std::vector<int>> expected;
+    for (const std::vector<int>& prompt : prompts) {
+      auto result = client->GenerateFromIds(prompt, Options(kNewTokens));
+      ASSERT_TRUE(result.ok()) << result.status();
+      expected.push_back(result->new_ids);
+    }
+
+    // Kill a node of each half while the batch decodes.
+    std::vector<int> killed;
+    int tokens = 0;
+    auto on_text = [&](int sequence, const std::string&) {
+      if (sequence != 0) return;
+      ++tokens;
+      if (tokens != 8 && tokens != 16) return;
+      const int index = KillBusyNode(tokens == 8 ? 1 : 3);
+      if (index >= 0) killed.push_back(index);
+    };
+    auto batch =
+        client->GenerateBatchFromIds(prompts, Options(kNewTokens), on_text);
+    ASSERT_TRUE(batch.ok()) << batch.status();
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      EXPECT_EQ((*batch)[i].new_ids, expected[i]) << i;
+    }
+    EXPECT_EQ(killed.size(), 2u);
+    for (const int index : killed) {
+      StartNode(spans_[index].first, spans_[index].second);
+      spans_.erase(index);
+    }
+  }
+}
+
 TEST_F(FailoverTest, MovedNodeLeavesOutputUnchanged) {
   std::unique_ptr<Client> client = Connect();
   ASSERT_NE(client, nullptr);

@@ -119,6 +119,13 @@ struct GenerationResult {
 // character.
 using TextCallback = std::function<void(const std::string& piece)>;
 
+// The same for GenerateBatch: `sequence` is the prompt's index.
+using BatchTextCallback =
+    std::function<void(int sequence, const std::string& piece)>;
+
+// Most prompts one GenerateBatch call takes.
+inline constexpr int kMaxBatchPrompts = 256;
+
 class ChatSession;
 
 // A connection to a swarm for one model. Thread-compatible: use one Client
@@ -139,6 +146,25 @@ class Client {
   absl::StatusOr<GenerationResult> GenerateFromIds(
       const std::vector<int>& prompt_ids, const GenerationOptions& options,
       const TextCallback& on_text = nullptr);
+
+  // Generates a continuation of each prompt (BOS is prepended), as
+  // Generate would for each alone, with the same sampling options and seed.
+  // Every prompt gets a session of its own, fed one prompt at a time; then
+  // each decode step of all of them travels together, one message per node
+  // (see docs/protocol.md, SessionSteps), which carries many sequences for
+  // about the price of one. A sequence that stops (EOS or max_new_tokens)
+  // leaves the others. Returns the results in the order of `prompts`, or
+  // the first error, naming the prompt. INVALID_ARGUMENT for no prompts or
+  // more than kMaxBatchPrompts.
+  absl::StatusOr<std::vector<GenerationResult>> GenerateBatch(
+      const std::vector<std::string>& prompts, const GenerationOptions& options,
+      const BatchTextCallback& on_text = nullptr);
+
+  // The same from token ids, fed as they are.
+  absl::StatusOr<std::vector<GenerationResult>> GenerateBatchFromIds(
+      const std::vector<std::vector<int>>& prompts,
+      const GenerationOptions& options,
+      const BatchTextCallback& on_text = nullptr);
 
   // Opens a conversation whose turns share one session on every node, so
   // earlier turns are never sent again. `max_length` bounds the tokens of
