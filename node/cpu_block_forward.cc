@@ -17,9 +17,6 @@ namespace {
 // starting the thread pool costs more than small steps take.
 constexpr int64_t kParallelAttentionWork = int64_t{1} << 18;
 
-// Eight ints, the lanes of a Float8 as integers.
-typedef int32_t Int8 __attribute__((vector_size(32)));
-
 // Returns e^x for each lane, clamping x to [-87.3, 88]. Its error measured
 // 1.4 units in the last place at most, and a loop over a softmax row runs
 // about four times faster than with std::exp, which GCC calls once per
@@ -64,34 +61,6 @@ void Rotate(float* x, const float* cos, const float* sin, int64_t heads,
       v[j + half] = x2 * cos[j + half] + x1 * sin[j + half];
     }
   }
-}
-
-// Returns the eight sums of the lanes of v[0..7]: lane k is v[k]'s sum.
-// Three rounds of shuffles and additions, instead of a separate reduction
-// of each vector.
-__attribute__((always_inline)) inline Float8 TransposedSums(const Float8* v) {
-  const Int8 even = {0, 8, 2, 10, 4, 12, 6, 14};
-  const Int8 odd = {1, 9, 3, 11, 5, 13, 7, 15};
-  const Int8 low_pairs = {0, 1, 8, 9, 4, 5, 12, 13};
-  const Int8 high_pairs = {2, 3, 10, 11, 6, 7, 14, 15};
-  const Int8 low_half = {0, 1, 2, 3, 8, 9, 10, 11};
-  const Int8 high_half = {4, 5, 6, 7, 12, 13, 14, 15};
-
-  // Sums of adjacent lanes: pairs[i] contains those of v[2i] and
-  // v[2i + 1], interleaved.
-  Float8 pairs[4];
-  for (int i = 0; i < 4; ++i) {
-    pairs[i] = __builtin_shuffle(v[2 * i], v[2 * i + 1], even) +
-               __builtin_shuffle(v[2 * i], v[2 * i + 1], odd);
-  }
-  // Sums of four lanes: each 128-bit half contains one sum per vector.
-  const Float8 quads_low = __builtin_shuffle(pairs[0], pairs[1], low_pairs) +
-                           __builtin_shuffle(pairs[0], pairs[1], high_pairs);
-  const Float8 quads_high = __builtin_shuffle(pairs[2], pairs[3], low_pairs) +
-                            __builtin_shuffle(pairs[2], pairs[3], high_pairs);
-  // Adding the halves completes the sums, in the order of v.
-  return __builtin_shuffle(quads_low, quads_high, low_half) +
-         __builtin_shuffle(quads_low, quads_high, high_half);
 }
 
 // Replaces the scores in `row` [length] by e^(score - max) and returns
