@@ -220,12 +220,17 @@ absl::StatusOr<std::vector<int>> PickRows(const client::ModelHead& head,
   at::Tensor logits;
   POLLEN_RETURN_IF_ERROR(CatchTorchErrors("computing the logits", [&] {
     logits = head.Logits(at::cat(last, 0))
-                 .reshape({static_cast<int64_t>(outputs.size()), -1});
+                 .reshape({static_cast<int64_t>(outputs.size()), -1})
+                 .to(at::kCPU, at::kFloat)
+                 .contiguous();
     return absl::OkStatus();
   }));
+  const int64_t vocab = logits.size(1);
+  const float* rows = logits.data_ptr<float>();
   std::vector<int> ids;
   for (int64_t i = 0; i < logits.size(0); ++i) {
-    POLLEN_ASSIGN_OR_RETURN(const int id, GreedyPick(logits[i], token_index));
+    POLLEN_ASSIGN_OR_RETURN(const int id,
+                            GreedyPick(rows + i * vocab, vocab, token_index));
     ids.push_back(id);
   }
   return ids;

@@ -123,35 +123,32 @@ absl::StatusOr<int> GreedyDecoder::Step(const std::vector<int>& ids) {
   // Logits of the last position only: [vocab] in float32 on the CPU.
   at::Tensor logits;
   POLLEN_RETURN_IF_ERROR(CatchTorchErrors("computing the logits", [&] {
-    logits = head_.Logits(output.slice(1, -1)).reshape({-1});
+    logits = head_.Logits(output.slice(1, -1))
+                 .reshape({-1})
+                 .to(at::kCPU, at::kFloat)
+                 .contiguous();
     return absl::OkStatus();
   }));
-  return GreedyPick(logits, static_cast<int>(new_ids_.size()));
+  return GreedyPick(logits.data_ptr<float>(), logits.numel(),
+                    static_cast<int>(new_ids_.size()));
 }
 
-absl::StatusOr<int> GreedyPick(const at::Tensor& logits, int token_index) {
-  int64_t next = -1;
-  float best = 0;
-  POLLEN_RETURN_IF_ERROR(CatchTorchErrors("picking the next token", [&] {
-    const at::Tensor values_cpu = logits.to(at::kCPU, at::kFloat).contiguous();
-    const float* values = values_cpu.data_ptr<float>();
-    // The first largest logit wins, as in argmax, and a NaN anywhere fails
-    // below.
-    next = 0;
-    best = values[0];
-    for (int64_t i = 0; i < values_cpu.numel(); ++i) {
-      if (std::isnan(values[i])) {
-        best = values[i];
-        next = i;
-        break;
-      }
-      if (values[i] > best) {
-        best = values[i];
-        next = i;
-      }
+absl::StatusOr<int> GreedyPick(const float* logits, int64_t vocab,
+                               int token_index) {
+  // The first largest logit wins, as in argmax, and a NaN anywhere fails.
+  int64_t next = 0;
+  float best = vocab > 0 ? logits[0] : std::nanf("");
+  for (int64_t i = 0; i < vocab; ++i) {
+    if (std::isnan(logits[i])) {
+      best = logits[i];
+      next = i;
+      break;
     }
-    return absl::OkStatus();
-  }));
+    if (logits[i] > best) {
+      best = logits[i];
+      next = i;
+    }
+  }
   if (!std::isfinite(best)) {
     return absl::InternalError(absl::StrCat(
         "the logits after token ", token_index,

@@ -29,10 +29,11 @@ using BlockRunner =
 absl::StatusOr<BlockRunner> MakeLocalBlockRunner(
     std::shared_ptr<const node::BlockSpan> span, int64_t max_length);
 
-// The index of the first largest value of `logits` [vocab], as argmax.
-// Returns INTERNAL, naming the logits after `token_index` new tokens, when
-// any value is not finite.
-absl::StatusOr<int> GreedyPick(const at::Tensor& logits, int token_index);
+// Returns the index of the first largest of `logits` [vocab], as argmax
+// does. Returns INTERNAL, naming the logits after `token_index` new
+// tokens, when any value is not finite.
+absl::StatusOr<int> GreedyPick(const float* logits, int64_t vocab,
+                               int token_index);
 
 // One greedy generation, timed in two phases: the prompt in one step
 // (prefill), then one token per step (decode). Each phase's time covers
