@@ -16,6 +16,9 @@ namespace pollen::cli {
 struct GenerateCommandOptions {
   ClientOptions client;
   std::string prompt;
+  // generate: a file of prompts, one per line, generated as one batch
+  // instead of `prompt`.
+  std::string prompts_file;
   GenerationOptions generation;
   // Print one JSON object (per turn for chat) instead of streamed text.
   bool json = false;
@@ -80,6 +83,11 @@ struct BenchCommandOptions {
 
 int RunNodeCommand(const node::NodeOptions& options);
 int RunGenerateCommand(const GenerateCommandOptions& options);
+// Returns the prompts of a --prompts-file: one per line, without a
+// trailing carriage return, skipping empty lines. INVALID_ARGUMENT when
+// the file cannot be read, has no prompt, or has more than
+// kMaxBatchPrompts.
+absl::StatusOr<std::vector<std::string>> ReadPromptsFile(const std::string& path);
 int RunChatCommand(const GenerateCommandOptions& options);
 int RunStatusCommand(const StatusCommandOptions& options);
 int RunLocalSwarmCommand(const LocalSwarmCommandOptions& options);

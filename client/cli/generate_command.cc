@@ -1,10 +1,15 @@
 // `pollen generate` and `pollen chat`.
+#include <cerrno>
+#include <cstring>
+#include <fstream>
 #include <iostream>
 #include <string>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
 #include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
 
 #include "client/cli/commands.h"
 #include "common/logging.h"
@@ -30,7 +35,55 @@ void PrintError(const absl::Status& status) {
   std::cerr << "error: " << status.message() << "\n";
 }
 
+
+// Generates a continuation of every prompt of options.prompts_file as one
+// batch, and prints them in the file's order once all are done: each
+// prompt and its continuation on a line, or one JSON object per line.
+int RunGenerateBatch(Client& client, const GenerateCommandOptions& options) {
+  auto prompts = ReadPromptsFile(options.prompts_file);
+  if (!prompts.ok()) {
+    PrintError(prompts.status());
+    return 1;
+  }
+  auto results = client.GenerateBatch(*prompts, options.generation);
+  if (!results.ok()) {
+    PrintError(results.status());
+    return 1;
+  }
+  for (size_t i = 0; i < results->size(); ++i) {
+    if (options.json) {
+      std::cout << ResultToJson((*results)[i]).dump() << "\n";
+    } else {
+      std::cout << (*prompts)[i] << (*results)[i].text << "\n";
+    }
+  }
+  return 0;
+}
+
 }  // namespace
+
+absl::StatusOr<std::vector<std::string>> ReadPromptsFile(const std::string& path) {
+  std::ifstream file(path);
+  if (!file) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--prompts-file ", path, ": cannot read it: ", std::strerror(errno)));
+  }
+  std::vector<std::string> prompts;
+  for (std::string line; std::getline(file, line);) {
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (!line.empty()) prompts.push_back(line);
+  }
+  if (prompts.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--prompts-file ", path, " has no prompt; write one per line"));
+  }
+  if (prompts.size() > static_cast<size_t>(kMaxBatchPrompts)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--prompts-file ", path, " has ", prompts.size(),
+        " prompts; a batch takes at most ", kMaxBatchPrompts));
+  }
+  return prompts;
+}
 
 int RunGenerateCommand(const GenerateCommandOptions& options) {
   auto client = Client::Connect(options.client);
@@ -38,6 +91,7 @@ int RunGenerateCommand(const GenerateCommandOptions& options) {
     PrintError(client.status());
     return 1;
   }
+  if (!options.prompts_file.empty()) return RunGenerateBatch(**client, options);
 
   // The prompt is echoed with the first generated text, so that a request
   // that fails before generating prints nothing on stdout.

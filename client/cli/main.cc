@@ -14,6 +14,7 @@
 #include "absl/flags/usage.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
 #include "client/cli/child_process.h"
@@ -59,6 +60,7 @@ ABSL_FLAG(int, record_ttl_s, 90, "Seconds an announcement stays valid; must exce
 
 // Generation.
 ABSL_FLAG(std::string, prompt, "", "Text to continue");
+ABSL_FLAG(std::string, prompts_file, "", "generate: a file with one prompt per line (empty lines skipped, up to 256) to continue in one batch, whose decode steps travel together; prints the results in the file's order, one line each (one JSON object each with --json)");
 ABSL_FLAG(int, max_new_tokens, 32, "Maximum number of tokens to generate (per turn in chat)");
 ABSL_FLAG(double, temperature, 0.0, "Sampling temperature; 0 means greedy");
 ABSL_FLAG(int, top_k, 0, "Sample among the K most likely tokens; 0 disables");
@@ -118,6 +120,7 @@ Commands:
                  pollen node --model DIR [--blocks A:B | --num-blocks N] --port P [--initial-peers HOST:PORT]
   generate     generate text through the swarm
                  pollen generate --model DIR --initial-peers HOST:PORT --prompt TEXT [--adapter DIR]
+                 pollen generate --model DIR --initial-peers HOST:PORT --prompts-file FILE
   chat         one user turn per input line, in one session
   status       show what the swarm serves, block by block
                  pollen status --initial-peers HOST:PORT [--json]
@@ -155,6 +158,7 @@ pollen::cli::GenerateCommandOptions GenerateOptionsFromFlags() {
   options.client.push = absl::GetFlag(FLAGS_push);
   options.client.compression = absl::GetFlag(FLAGS_compression);
   options.prompt = absl::GetFlag(FLAGS_prompt);
+  options.prompts_file = absl::GetFlag(FLAGS_prompts_file);
   options.generation.max_new_tokens = absl::GetFlag(FLAGS_max_new_tokens);
   options.generation.sampling.temperature =
       static_cast<float>(absl::GetFlag(FLAGS_temperature));
@@ -447,24 +451,54 @@ int main(int argc, char** argv) {
       return 2;
     }
 
+    // A file of prompts replaces --prompt, for generate only.
+    std::vector<std::pair<std::string, std::string>> prompts = {
+        {"--prompt", options.prompt}};
+    if (!options.prompts_file.empty()) {
+      if (command != "generate") {
+        std::cerr << "error: --prompts-file applies to generate only\n";
+        return 2;
+      }
+      if (!options.prompt.empty()) {
+        std::cerr << "error: give --prompt or --prompts-file, not both\n";
+        return 2;
+      }
+      auto lines = pollen::cli::ReadPromptsFile(options.prompts_file);
+      if (!lines.ok()) {
+        std::cerr << "error: " << lines.status().message() << "\n";
+        return 2;
+      }
+      prompts.clear();
+      for (size_t i = 0; i < lines->size(); ++i) {
+        prompts.emplace_back(absl::StrCat("prompt ", i + 1, " of --prompts-file"),
+                             (*lines)[i]);
+      }
+    }
+
     // The prompt's tokens count too. The library checks again with an
     // adapter's prompt positions, which are known only once it loads.
     if (takes_prompt) {
       auto tokenizer = pollen::client::Tokenizer::Load(
           options.client.model_dir + "/tokenizer.model");
-      if (tokenizer.ok()) {
+      for (const auto& [name, prompt] : prompts) {
+        if (!tokenizer.ok()) break;
         const int64_t prompt_tokens = static_cast<int64_t>(
-            (*tokenizer)->Encode(options.prompt, /*add_bos=*/true).size());
+            (*tokenizer)->Encode(prompt, /*add_bos=*/true).size());
         if (prompt_tokens + options.generation.max_new_tokens > positions) {
           std::cerr << "error: --max-new-tokens "
                     << options.generation.max_new_tokens << " plus the "
-                    << prompt_tokens << " tokens of --prompt exceeds the model's "
-                    << positions << " positions; at most "
-                    << positions - prompt_tokens << " new tokens fit\n";
+                    << prompt_tokens << " tokens of " << name
+                    << " exceeds the model's " << positions
+                    << " positions; at most " << positions - prompt_tokens
+                    << " new tokens fit\n";
           return 2;
         }
       }
     }
+  }
+  if (!generates && !absl::GetFlag(FLAGS_prompts_file).empty()) {
+    std::cerr << "error: --prompts-file applies to generate only\n";
+    return 2;
   }
   const bool joins_swarm = needs_peers || command == "node" || command == "finetune";
   if (joins_swarm) {
@@ -480,7 +514,8 @@ int main(int argc, char** argv) {
   // The bench warns after it restarted itself, so that the warning shows
   // once.
   if (command != "bench") WarnIfPushHasNoEffect(command);
-  if (takes_prompt && absl::GetFlag(FLAGS_prompt).empty()) {
+  if (takes_prompt && absl::GetFlag(FLAGS_prompt).empty() &&
+      absl::GetFlag(FLAGS_prompts_file).empty()) {
     std::cerr << "note: no --prompt given; generating from the "
                  "beginning-of-sequence token alone\n";
   }

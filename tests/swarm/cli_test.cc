@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include <fstream>
 #include <sstream>
 #include <tuple>
 #include <utility>
@@ -92,6 +93,46 @@ TEST(Cli, BadGenerationFlagsExitTwo) {
     EXPECT_NE(result.stderr_text.find(message), std::string::npos)
         << result.stderr_text;
   }
+}
+
+// A bad --prompts-file fails before the client waits for a swarm.
+TEST(Cli, BadPromptsFileExitsTwo) {
+  TempDir dir;
+  const std::string empty = dir.path() + "/empty.txt";
+  const std::string long_prompt = dir.path() + "/long.txt";
+  { std::ofstream(empty) << "\n\n"; }
+  {
+    std::ofstream file(long_prompt);
+    file << "Hi\n";
+    for (int i = 0; i < 600; ++i) file << "cat ";
+    file << "\n";
+  }
+  const std::vector<std::pair<std::vector<std::string>, std::string>> cases = {
+      {{"--prompts-file", dir.path() + "/missing.txt"}, "cannot read it"},
+      {{"--prompts-file", empty}, "has no prompt"},
+      {{"--prompts-file", empty, "--prompt", "Hi"}, "not both"},
+      {{"--prompts-file", long_prompt},
+       "tokens of prompt 2 of --prompts-file exceeds the model's 512"},
+  };
+  for (const auto& [flags, message] : cases) {
+    SCOPED_TRACE(message);
+    std::vector<std::string> argv = {PollenBinary(), "generate", "--model",
+                                     Stories260kDir(), "--initial-peers",
+                                     "127.0.0.1:9"};
+    argv.insert(argv.end(), flags.begin(), flags.end());
+    const CommandResult result = RunCommand(argv);
+    EXPECT_EQ(result.exit_code, 2);
+    EXPECT_EQ(result.stdout_text, "");
+    EXPECT_NE(result.stderr_text.find(message), std::string::npos)
+        << result.stderr_text;
+  }
+
+  const CommandResult chat = RunCommand(
+      {PollenBinary(), "chat", "--model", Stories260kDir(), "--initial-peers",
+       "127.0.0.1:9", "--prompts-file", empty});
+  EXPECT_EQ(chat.exit_code, 2);
+  EXPECT_NE(chat.stderr_text.find("applies to generate only"), std::string::npos)
+      << chat.stderr_text;
 }
 
 TEST(Cli, ChatRejectsBadMaxLength) {
@@ -225,6 +266,47 @@ TEST_F(CliSwarmTest, GenerateStreamsText) {
   const CommandResult result = RunCommand(argv);
   ASSERT_EQ(result.exit_code, 0) << result.stderr_text;
   EXPECT_EQ(result.stdout_text, std::string(kReferenceText) + "\n");
+}
+
+// A file of prompts generates each as generate --prompt would, in the
+// file's order, with empty lines skipped.
+TEST_F(CliSwarmTest, GeneratePromptsFileMatchesSingles) {
+  TempDir dir;
+  const std::string path = dir.path() + "/prompts.txt";
+  const std::vector<std::string> prompts = {kStoriesPrompt, "The little cat"};
+  {
+    std::ofstream file(path);
+    file << prompts[0] << "\n\n" << prompts[1] << "\r\n";
+  }
+
+  std::vector<std::string> singles;
+  for (const std::string& prompt : prompts) {
+    std::vector<std::string> argv = ClientArgs("generate");
+    argv.insert(argv.end(), {"--prompt", prompt, "--max-new-tokens", "16"});
+    const CommandResult result = RunCommand(argv);
+    ASSERT_EQ(result.exit_code, 0) << result.stderr_text;
+    singles.push_back(result.stdout_text);
+  }
+
+  std::vector<std::string> argv = ClientArgs("generate");
+  argv.insert(argv.end(), {"--prompts-file", path, "--max-new-tokens", "16"});
+  const CommandResult text = RunCommand(argv);
+  ASSERT_EQ(text.exit_code, 0) << text.stderr_text;
+  EXPECT_EQ(text.stdout_text, singles[0] + singles[1]);
+
+  argv.push_back("--json");
+  const CommandResult json = RunCommand(argv);
+  ASSERT_EQ(json.exit_code, 0) << json.stderr_text;
+  const std::vector<std::string> lines =
+      absl::StrSplit(json.stdout_text, '\n', absl::SkipEmpty());
+  ASSERT_EQ(lines.size(), 2u);
+  const auto first = nlohmann::json::parse(lines[0]);
+  EXPECT_EQ(Ids(first["prompt_ids"]), kStoriesPromptIds);
+  EXPECT_EQ(Ids(first["new_ids"]),
+            std::vector<int>(kStoriesReferenceIds.begin(),
+                             kStoriesReferenceIds.begin() + 16));
+  const auto second = nlohmann::json::parse(lines[1]);
+  EXPECT_EQ(prompts[1] + second["text"].get<std::string>() + "\n", singles[1]);
 }
 
 TEST_F(CliSwarmTest, ChatJsonPrintsOneObjectPerTurn) {
