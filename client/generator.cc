@@ -366,8 +366,8 @@ struct BatchSequence {
 
 absl::Status ForPrompt(size_t index, const absl::Status& status) {
   if (status.ok()) return status;
-  return absl::Status(status.code(),
-                      absl::StrCat("prompt ", index, ": ", status.message()));
+  return absl::Status(status.code(), absl::StrCat("prompt at index ", index,
+                                                  ": ", status.message()));
 }
 
 }  // namespace
@@ -389,7 +389,6 @@ absl::StatusOr<std::vector<GenerationResult>> Client::Impl::GenerateBatch(
     lengths.push_back(*length);
   }
 
-  const auto started = std::chrono::steady_clock::now();
   at::NoGradGuard no_grad;
   std::vector<BatchSequence> sequences(prompts.size());
 
@@ -417,7 +416,8 @@ absl::StatusOr<std::vector<GenerationResult>> Client::Impl::GenerateBatch(
     return absl::OkStatus();
   };
 
-  // Each prompt through its own session, one at a time.
+  // A session per prompt, then one step of every unfinished sequence at a
+  // time, together: the prompts first, then one token each.
   for (size_t i = 0; i < prompts.size(); ++i) {
     BatchSequence& sequence = sequences[i];
     absl::StatusOr<std::unique_ptr<InferenceChain>> chain = OpenChain(lengths[i]);
@@ -427,30 +427,25 @@ absl::StatusOr<std::vector<GenerationResult>> Client::Impl::GenerateBatch(
     sequence.result.prompt_ids = prompts[i];
     sequence.text.emplace(*tokenizer, sequence.history);
     sequence.sampler.emplace(options.sampling);
-    at::Tensor output;
-    POLLEN_RETURN_IF_ERROR(ForPrompt(i, CatchTorchErrors("embedding the prompt", [&] {
-      absl::StatusOr<at::Tensor> stepped =
-          sequence.chain->Step(EmbedInput(prompts[i], /*first_feed=*/true));
-      if (!stepped.ok()) return stepped.status();
-      output = *std::move(stepped);
-      return absl::OkStatus();
-    })));
-    POLLEN_RETURN_IF_ERROR(ForPrompt(i, take(i, output)));
   }
-
-  // Then one token of every unfinished sequence per step, together.
+  // Timed as Generate times one sequence: from its first step.
+  const auto started = std::chrono::steady_clock::now();
   client::StepGroup group;
   while (true) {
     std::vector<size_t> active;
     std::vector<InferenceChain*> chains;
     std::vector<at::Tensor> inputs;
     for (size_t i = 0; i < sequences.size(); ++i) {
-      if (sequences[i].done) continue;
+      BatchSequence& sequence = sequences[i];
+      if (sequence.done) continue;
       active.push_back(i);
-      chains.push_back(sequences[i].chain.get());
+      chains.push_back(sequence.chain.get());
+      const bool first_feed = sequence.chain->position() == 0;
       POLLEN_RETURN_IF_ERROR(ForPrompt(i, CatchTorchErrors("embedding the input", [&] {
-        inputs.push_back(EmbedInput({sequences[i].history.back()},
-                                    /*first_feed=*/false));
+        inputs.push_back(first_feed
+                             ? EmbedInput(prompts[i], /*first_feed=*/true)
+                             : EmbedInput({sequence.history.back()},
+                                          /*first_feed=*/false));
         return absl::OkStatus();
       })));
     }

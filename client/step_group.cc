@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <set>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -254,6 +255,13 @@ std::vector<absl::StatusOr<at::Tensor>> StepGroup::Step(
         "a grouped step needs one input per chain; got ", chains.size(),
         " chains and ", hidden.size(), " inputs"));
     std::fill(results.begin(), results.end(), mismatch);
+    return results;
+  }
+  std::set<const InferenceChain*> distinct(chains.begin(), chains.end());
+  if (distinct.size() != chains.size() || distinct.count(nullptr) > 0) {
+    std::fill(results.begin(), results.end(),
+              absl::InvalidArgumentError(
+                  "a grouped step needs distinct chains, none of them null"));
     return results;
   }
 

@@ -25,9 +25,10 @@ namespace pollen::client {
 // Runs one step of several InferenceChains at a time. Chains that share a
 // route travel together. With push, one message to the route's first node
 // carries every chain's step, and the last node returns every output in one
-// message. Relayed, each hop gets one message and returns one. Chains on different routes
-// form one group per route, which run one after another; a chain alone on
-// its route, or with a hop not open, steps on its own. When anything goes wrong for one chain (a node rejects its
+// message. Relayed, each hop gets one message and returns one. Chains on
+// different routes form one group per route, and the groups run one after
+// another. A chain alone on its route, or with a hop not open, steps on
+// its own. When anything goes wrong for one chain (a node rejects its
 // step, or its own stream fails), that chain recovers as its Step would,
 // and the others go on.
 //
@@ -45,8 +46,8 @@ class StepGroup {
 
   // Runs hidden[i] [batch, new_tokens, hidden] through chains[i] for every
   // i, and returns each chain's output, or its error, as its Step would.
-  // The two vectors must have the same size (INVALID_ARGUMENT for all
-  // otherwise).
+  // The two vectors must have the same size, and the chains must be
+  // distinct and not null (INVALID_ARGUMENT for all otherwise).
   std::vector<absl::StatusOr<at::Tensor>> Step(
       const std::vector<InferenceChain*>& chains,
       const std::vector<at::Tensor>& hidden);

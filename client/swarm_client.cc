@@ -39,6 +39,14 @@ absl::StatusOr<std::unique_ptr<SwarmClient>> SwarmClient::Connect(
 void SwarmClient::ReportFailure(const std::string& node_id) {
   absl::MutexLock lock(&mu_);
   Ban& ban = bans_[node_id];
+  // The sessions that were on the node when it failed report it one after
+  // another. No new session uses a banned node, so their reports are one
+  // failure.
+  if (ban.until > absl::Now()) {
+    POLLEN_LOG_DEBUG("node {} failed again while banned; the ban stays",
+                     node_id);
+    return;
+  }
   ban.failures = std::min(ban.failures + 1, 20);
   const absl::Duration duration =
       std::min(kMaxBan, kFirstBan * (int64_t{1} << (ban.failures - 1)));

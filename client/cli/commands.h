@@ -83,11 +83,17 @@ struct BenchCommandOptions {
 
 int RunNodeCommand(const node::NodeOptions& options);
 int RunGenerateCommand(const GenerateCommandOptions& options);
+// One prompt of a --prompts-file and the line it is on, from 1.
+struct PromptLine {
+  int line = 0;
+  std::string text;
+};
+
 // Returns the prompts of a --prompts-file: one per line, without a
-// trailing carriage return, skipping empty lines. INVALID_ARGUMENT when
-// the file cannot be read, has no prompt, or has more than
-// kMaxBatchPrompts.
-absl::StatusOr<std::vector<std::string>> ReadPromptsFile(const std::string& path);
+// trailing carriage return, skipping lines that are empty or all
+// whitespace. INVALID_ARGUMENT when the file cannot be read (or is a
+// folder), has no prompt, or has more than kMaxBatchPrompts.
+absl::StatusOr<std::vector<PromptLine>> ReadPromptsFile(const std::string& path);
 int RunChatCommand(const GenerateCommandOptions& options);
 int RunStatusCommand(const StatusCommandOptions& options);
 int RunLocalSwarmCommand(const LocalSwarmCommandOptions& options);

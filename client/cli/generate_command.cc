@@ -1,6 +1,9 @@
 // `pollen generate` and `pollen chat`.
+#include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <string>
@@ -38,14 +41,16 @@ void PrintError(const absl::Status& status) {
 
 // Generates a continuation of every prompt of options.prompts_file as one
 // batch, and prints them in the file's order once all are done: each
-// prompt and its continuation on a line, or one JSON object per line.
+// prompt, its continuation and a newline, or one JSON object per line.
 int RunGenerateBatch(Client& client, const GenerateCommandOptions& options) {
-  auto prompts = ReadPromptsFile(options.prompts_file);
-  if (!prompts.ok()) {
-    PrintError(prompts.status());
+  auto lines = ReadPromptsFile(options.prompts_file);
+  if (!lines.ok()) {
+    PrintError(lines.status());
     return 1;
   }
-  auto results = client.GenerateBatch(*prompts, options.generation);
+  std::vector<std::string> prompts;
+  for (const PromptLine& line : *lines) prompts.push_back(line.text);
+  auto results = client.GenerateBatch(prompts, options.generation);
   if (!results.ok()) {
     PrintError(results.status());
     return 1;
@@ -54,7 +59,7 @@ int RunGenerateBatch(Client& client, const GenerateCommandOptions& options) {
     if (options.json) {
       std::cout << ResultToJson((*results)[i]).dump() << "\n";
     } else {
-      std::cout << (*prompts)[i] << (*results)[i].text << "\n";
+      std::cout << prompts[i] << (*results)[i].text << "\n";
     }
   }
   return 0;
@@ -62,16 +67,27 @@ int RunGenerateBatch(Client& client, const GenerateCommandOptions& options) {
 
 }  // namespace
 
-absl::StatusOr<std::vector<std::string>> ReadPromptsFile(const std::string& path) {
+absl::StatusOr<std::vector<PromptLine>> ReadPromptsFile(const std::string& path) {
+  std::error_code error;
+  if (std::filesystem::is_directory(path, error)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--prompts-file ", path, " is a folder; give a file with one prompt "
+        "per line"));
+  }
   std::ifstream file(path);
   if (!file) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--prompts-file ", path, ": cannot read it: ", std::strerror(errno)));
   }
-  std::vector<std::string> prompts;
+  std::vector<PromptLine> prompts;
+  int number = 0;
   for (std::string line; std::getline(file, line);) {
+    ++number;
     if (!line.empty() && line.back() == '\r') line.pop_back();
-    if (!line.empty()) prompts.push_back(line);
+    const bool blank = std::all_of(line.begin(), line.end(), [](char c) {
+      return std::isspace(static_cast<unsigned char>(c));
+    });
+    if (!blank) prompts.push_back(PromptLine{number, line});
   }
   if (prompts.empty()) {
     return absl::InvalidArgumentError(absl::StrCat(

@@ -60,7 +60,7 @@ ABSL_FLAG(int, record_ttl_s, 90, "Seconds an announcement stays valid; must exce
 
 // Generation.
 ABSL_FLAG(std::string, prompt, "", "Text to continue");
-ABSL_FLAG(std::string, prompts_file, "", "generate: a file with one prompt per line (empty lines skipped, up to 256) to continue in one batch, whose decode steps travel together; prints the results in the file's order, one line each (one JSON object each with --json)");
+ABSL_FLAG(std::string, prompts_file, "", "generate: a file with one prompt per line (blank lines skipped, up to 256) to continue in one batch, whose steps travel together; prints each prompt and its continuation in the file's order, each ending in a newline (continuations may contain newlines; --json prints one object per line)");
 ABSL_FLAG(int, max_new_tokens, 32, "Maximum number of tokens to generate (per turn in chat)");
 ABSL_FLAG(double, temperature, 0.0, "Sampling temperature; 0 means greedy");
 ABSL_FLAG(int, top_k, 0, "Sample among the K most likely tokens; 0 disables");
@@ -469,9 +469,9 @@ int main(int argc, char** argv) {
         return 2;
       }
       prompts.clear();
-      for (size_t i = 0; i < lines->size(); ++i) {
-        prompts.emplace_back(absl::StrCat("prompt ", i + 1, " of --prompts-file"),
-                             (*lines)[i]);
+      for (const pollen::cli::PromptLine& line : *lines) {
+        prompts.emplace_back(
+            absl::StrCat("line ", line.line, " of --prompts-file"), line.text);
       }
     }
 
@@ -484,6 +484,12 @@ int main(int argc, char** argv) {
         if (!tokenizer.ok()) break;
         const int64_t prompt_tokens = static_cast<int64_t>(
             (*tokenizer)->Encode(prompt, /*add_bos=*/true).size());
+        if (prompt_tokens >= positions) {
+          std::cerr << "error: the " << prompt_tokens << " tokens of " << name
+                    << " leave no room for a new token in the model's "
+                    << positions << " positions; shorten it\n";
+          return 2;
+        }
         if (prompt_tokens + options.generation.max_new_tokens > positions) {
           std::cerr << "error: --max-new-tokens "
                     << options.generation.max_new_tokens << " plus the "

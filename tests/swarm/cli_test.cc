@@ -112,7 +112,8 @@ TEST(Cli, BadPromptsFileExitsTwo) {
       {{"--prompts-file", empty}, "has no prompt"},
       {{"--prompts-file", empty, "--prompt", "Hi"}, "not both"},
       {{"--prompts-file", long_prompt},
-       "tokens of prompt 2 of --prompts-file exceeds the model's 512"},
+       "tokens of line 2 of --prompts-file leave no room for a new token"},
+      {{"--prompts-file", dir.path()}, "is a folder"},
   };
   for (const auto& [flags, message] : cases) {
     SCOPED_TRACE(message);
@@ -276,7 +277,7 @@ TEST_F(CliSwarmTest, GeneratePromptsFileMatchesSingles) {
   const std::vector<std::string> prompts = {kStoriesPrompt, "The little cat"};
   {
     std::ofstream file(path);
-    file << prompts[0] << "\n\n" << prompts[1] << "\r\n";
+    file << prompts[0] << "\n \t\n" << prompts[1] << "\r\n";
   }
 
   std::vector<std::string> singles;

@@ -171,14 +171,14 @@ TEST(ConcurrentSessions, BadBatchesFailBeforeAnySessionOpens) {
 
   auto bad_id = client->GenerateBatchFromIds({{1, 2}, {1, 100000}}, options);
   EXPECT_EQ(bad_id.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_NE(bad_id.status().message().find("prompt 1: token id 100000"),
+  EXPECT_NE(bad_id.status().message().find("prompt at index 1: token id 100000"),
             std::string::npos)
       << bad_id.status();
 
   options.max_new_tokens = 4096;
   auto too_long = client->GenerateBatch({"Once upon a time"}, options);
   EXPECT_EQ(too_long.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_NE(too_long.status().message().find("prompt 0:"), std::string::npos)
+  EXPECT_NE(too_long.status().message().find("prompt at index 0:"), std::string::npos)
       << too_long.status();
 
   // The client still works.

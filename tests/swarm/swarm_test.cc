@@ -5,6 +5,7 @@
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
+#include "client/swarm_client.h"
 #include "pollen/client.h"
 #include "tests/support/checkpoint_fixtures.h"
 #include "tests/support/swarm_fixture.h"
@@ -208,6 +209,28 @@ TEST_F(SwarmTest, RejectsPromptBeyondModelLength) {
   EXPECT_EQ(result.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(result.status().message().find("512"), std::string::npos)
       << result.status();
+}
+
+// The sessions that were on a node when it died report it one after
+// another: the ban counts that as one failure, and a failure after the ban
+// doubles it.
+TEST(SwarmClientBans, ReportsDuringBanCountOnce) {
+  LocalSwarm swarm;
+  auto client = client::SwarmClient::Connect({swarm.peer()});
+  ASSERT_TRUE(client.ok()) << client.status();
+  for (int i = 0; i < 5; ++i) (*client)->ReportFailure("node-a");
+  absl::Time now = absl::Now();
+  EXPECT_EQ((*client)->BannedNodes(now).count("node-a"), 1u);
+  EXPECT_EQ((*client)->BannedNodes(now + absl::Milliseconds(1500)).count("node-a"),
+            0u);
+
+  absl::SleepFor(absl::Milliseconds(1100));
+  (*client)->ReportFailure("node-a");
+  now = absl::Now();
+  EXPECT_EQ((*client)->BannedNodes(now + absl::Milliseconds(1500)).count("node-a"),
+            1u);
+  EXPECT_EQ((*client)->BannedNodes(now + absl::Milliseconds(2500)).count("node-a"),
+            0u);
 }
 
 }  // namespace

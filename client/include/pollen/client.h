@@ -71,7 +71,7 @@ struct ClientOptions {
   // the last node replies. A node whose push fails returns its output, and
   // the client relays from there for the rest of the session. It saves a
   // trip through the client per node, and on one machine it carries
-  // concurrent sessions about 50% faster (see docs/benchmarks.md).
+  // concurrent sessions about 60% faster (see docs/benchmarks.md).
   bool push = false;
   // Encoding of the hidden states sent to and from the nodes: "none"
   // (float32), "fp16", "bf16" or "int8" (blockwise, one float32 scale per
@@ -111,7 +111,9 @@ struct GenerationResult {
   std::vector<int> new_ids;     // generated ids, including a final EOS
   std::string text;             // decoded text of new_ids
   std::vector<RouteHopInfo> route;
-  // Wall time of the whole call divided by the number of new tokens.
+  // Wall time from the first step through the swarm to the last, divided
+  // by the number of new tokens. In a batch the steps are the whole
+  // batch's, so it is the batch's time per token of this sequence.
   double ms_per_token = 0;
 };
 
@@ -149,12 +151,12 @@ class Client {
 
   // Generates a continuation of each prompt (BOS is prepended), as
   // Generate would for each alone, with the same sampling options and seed.
-  // Every prompt gets a session of its own, fed one prompt at a time; then
-  // each decode step of all of them travels together, one message per node
-  // (see docs/protocol.md, SessionSteps), which carries many sequences for
+  // Every prompt gets a session of its own. The prompts, then each decode
+  // step of all sequences, travel together, one message per node (see
+  // docs/protocol.md, SessionSteps), which carries many sequences for
   // about the price of one. A sequence that stops (EOS or max_new_tokens)
   // leaves the others. Returns the results in the order of `prompts`, or
-  // the first error, naming the prompt. INVALID_ARGUMENT for no prompts or
+  // the first error, naming the prompt's index (from 0). INVALID_ARGUMENT for no prompts or
   // more than kMaxBatchPrompts.
   absl::StatusOr<std::vector<GenerationResult>> GenerateBatch(
       const std::vector<std::string>& prompts, const GenerationOptions& options,
