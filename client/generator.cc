@@ -97,6 +97,22 @@ class Client::Impl {
       const std::vector<std::vector<int>>& prompts,
       const GenerationOptions& options, const BatchTextCallback& on_text);
 
+  // Samples the next id from the last position of `output` [1, n, hidden],
+  // appends it to `history` and result->new_ids, and passes its text to
+  // `on_text`. INTERNAL when no id can be sampled.
+  absl::StatusOr<int> SampleNext(const at::Tensor& output,
+                                 client::Sampler& sampler,
+                                 client::TextStream& text,
+                                 std::vector<int>& history,
+                                 GenerationResult* result,
+                                 const TextCallback& on_text) const;
+
+  // Completes the `result` of a sequence that stopped: its route, the rest
+  // of its text, and ms_per_token over `elapsed_ms`.
+  void FinishResult(const InferenceChain& chain, client::TextStream& text,
+                    const TextCallback& on_text, double elapsed_ms,
+                    GenerationResult* result) const;
+
   // Feeds `input_ids` after `history` (the ids the chain already holds,
   // plus the last sampled id when it was not fed yet) and samples up to
   // options.max_new_tokens ids. Appends what it feeds and samples to
@@ -212,41 +228,61 @@ absl::StatusOr<GenerationResult> Client::Impl::Continue(
 
   std::vector<int> to_feed = input_ids;
   for (int i = 0; i < max_new_tokens; ++i) {
-    // Run the new tokens through the swarm and take the last position.
-    at::Tensor logits;
+    // Run the new tokens through the swarm and sample after the last one.
+    at::Tensor output;
     POLLEN_RETURN_IF_ERROR(CatchTorchErrors("embedding the input", [&]() {
-      const at::Tensor hidden =
-          EmbedInput(to_feed, /*first_feed=*/chain.position() == 0);
-      auto output = chain.Step(hidden);
-      if (!output.ok()) return output.status();
-      logits = head->Logits(output->slice(1, -1))[0][0];
+      auto stepped =
+          chain.Step(EmbedInput(to_feed, /*first_feed=*/chain.position() == 0));
+      if (!stepped.ok()) return stepped.status();
+      output = *std::move(stepped);
       return absl::OkStatus();
     }));
-
-    const int next = sampler.Sample(logits, history);
-    if (next < 0) {
-      return absl::InternalError(absl::StrCat(
-          "sampling failed at new token ", i,
-          ": the logits are all NaN or -inf, or misshaped (see the log)"));
-    }
-    history.push_back(next);
-    result.new_ids.push_back(next);
-    const std::string piece = text_stream.Push(next);
-    if (on_text && !piece.empty()) on_text(piece);
+    POLLEN_ASSIGN_OR_RETURN(
+        const int next,
+        SampleNext(output, sampler, text_stream, history, &result, on_text));
     if (options.stop_at_eos && next == config().eos_token_id) break;
     to_feed = {next};
   }
-  // Failovers may have changed the route; report the one that finished.
-  result.route = DescribeRoute(chain);
-  const std::string rest = text_stream.Flush();
-  if (on_text && !rest.empty()) on_text(rest);
-  result.text = text_stream.text();
-
-  const double elapsed_ms = std::chrono::duration<double, std::milli>(
-                                std::chrono::steady_clock::now() - started)
-                                .count();
-  result.ms_per_token = elapsed_ms / result.new_ids.size();
+  FinishResult(chain, text_stream, on_text,
+               std::chrono::duration<double, std::milli>(
+                   std::chrono::steady_clock::now() - started)
+                   .count(),
+               &result);
   return result;
+}
+
+absl::StatusOr<int> Client::Impl::SampleNext(
+    const at::Tensor& output, client::Sampler& sampler, client::TextStream& text,
+    std::vector<int>& history, GenerationResult* result,
+    const TextCallback& on_text) const {
+  at::Tensor logits;
+  POLLEN_RETURN_IF_ERROR(CatchTorchErrors("computing the logits", [&] {
+    logits = head->Logits(output.slice(1, -1))[0][0];
+    return absl::OkStatus();
+  }));
+  const int next = sampler.Sample(logits, history);
+  if (next < 0) {
+    return absl::InternalError(absl::StrCat(
+        "sampling failed at new token ", result->new_ids.size(),
+        ": the logits are all NaN or -inf, or misshaped (see the log)"));
+  }
+  history.push_back(next);
+  result->new_ids.push_back(next);
+  const std::string piece = text.Push(next);
+  if (on_text && !piece.empty()) on_text(piece);
+  return next;
+}
+
+void Client::Impl::FinishResult(const InferenceChain& chain,
+                                client::TextStream& text,
+                                const TextCallback& on_text, double elapsed_ms,
+                                GenerationResult* result) const {
+  // Failovers may have changed the route; report the one that finished.
+  result->route = DescribeRoute(chain);
+  const std::string rest = text.Flush();
+  if (on_text && !rest.empty()) on_text(rest);
+  result->text = text.text();
+  result->ms_per_token = elapsed_ms / result->new_ids.size();
 }
 
 Client::Client(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -360,6 +396,8 @@ struct BatchSequence {
   std::vector<int> history;  // the prompt, then every sampled id
   std::optional<client::TextStream> text;
   std::optional<client::Sampler> sampler;
+  // The batch's callback, for this sequence's index.
+  TextCallback on_text;
   GenerationResult result;
   bool done = false;
 };
@@ -395,21 +433,10 @@ absl::StatusOr<std::vector<GenerationResult>> Client::Impl::GenerateBatch(
   // Samples the next id of sequence `i` from its `output` [1, n, hidden].
   auto take = [&](size_t i, const at::Tensor& output) -> absl::Status {
     BatchSequence& sequence = sequences[i];
-    at::Tensor logits;
-    POLLEN_RETURN_IF_ERROR(CatchTorchErrors("computing the logits", [&] {
-      logits = head->Logits(output.slice(1, -1))[0][0];
-      return absl::OkStatus();
-    }));
-    const int next = sequence.sampler->Sample(logits, sequence.history);
-    if (next < 0) {
-      return absl::InternalError(absl::StrCat(
-          "sampling failed at new token ", sequence.result.new_ids.size(),
-          ": the logits are all NaN or -inf, or misshaped (see the log)"));
-    }
-    sequence.history.push_back(next);
-    sequence.result.new_ids.push_back(next);
-    const std::string piece = sequence.text->Push(next);
-    if (on_text && !piece.empty()) on_text(static_cast<int>(i), piece);
+    POLLEN_ASSIGN_OR_RETURN(
+        const int next,
+        SampleNext(output, *sequence.sampler, *sequence.text, sequence.history,
+                   &sequence.result, sequence.on_text));
     sequence.done = (options.stop_at_eos && next == config().eos_token_id) ||
                     static_cast<int>(sequence.result.new_ids.size()) >=
                         options.max_new_tokens;
@@ -427,6 +454,11 @@ absl::StatusOr<std::vector<GenerationResult>> Client::Impl::GenerateBatch(
     sequence.result.prompt_ids = prompts[i];
     sequence.text.emplace(*tokenizer, sequence.history);
     sequence.sampler.emplace(options.sampling);
+    if (on_text) {
+      sequence.on_text = [&on_text, i](const std::string& piece) {
+        on_text(static_cast<int>(i), piece);
+      };
+    }
   }
   // Timed as Generate times one sequence: from its first step.
   const auto started = std::chrono::steady_clock::now();
@@ -461,14 +493,9 @@ absl::StatusOr<std::vector<GenerationResult>> Client::Impl::GenerateBatch(
                                 std::chrono::steady_clock::now() - started)
                                 .count();
   std::vector<GenerationResult> results;
-  for (size_t i = 0; i < sequences.size(); ++i) {
-    BatchSequence& sequence = sequences[i];
-    // Failovers may have changed the route; report the one that finished.
-    sequence.result.route = DescribeRoute(*sequence.chain);
-    const std::string rest = sequence.text->Flush();
-    if (on_text && !rest.empty()) on_text(static_cast<int>(i), rest);
-    sequence.result.text = sequence.text->text();
-    sequence.result.ms_per_token = elapsed_ms / sequence.result.new_ids.size();
+  for (BatchSequence& sequence : sequences) {
+    FinishResult(*sequence.chain, *sequence.text, sequence.on_text, elapsed_ms,
+                 &sequence.result);
     results.push_back(std::move(sequence.result));
   }
   return results;

@@ -20,13 +20,13 @@ void* const kWriteTag = &write_tag_byte;
 void* const kReadTag = &read_tag_byte;
 void* const kOtherTag = &other_tag_byte;
 
+}  // namespace
+
 std::string DescribeHop(const scheduler::RouteHop& hop) {
   return absl::StrCat("node ", hop.server.node_id.substr(0, 12), " at ",
                       hop.server.address, " (blocks ", hop.start, ":",
                       hop.end, ")");
 }
-
-}  // namespace
 
 HopStream::HopStream(scheduler::RouteHop hop,
                      std::shared_ptr<grpc::Channel> channel)

@@ -140,6 +140,10 @@ class HopStream {
   bool closed_ = false;
 };
 
+// Returns "node ID at ADDRESS (blocks A:B)", with the first 12 characters
+// of the node id, for messages and logs.
+std::string DescribeHop(const scheduler::RouteHop& hop);
+
 // Copies the output of a step out of `response`, naming `source` in
 // errors about its tensors.
 absl::StatusOr<HopStream::StepOutput> StepOutputFromResponse(

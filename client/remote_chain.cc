@@ -17,12 +17,6 @@
 namespace pollen::client {
 namespace {
 
-std::string DescribeHop(const scheduler::RouteHop& hop) {
-  return absl::StrCat("node ", hop.server.node_id.substr(0, 12), " at ",
-                      hop.server.address, " (blocks ", hop.start, ":",
-                      hop.end, ")");
-}
-
 // The open message for `hop`: the session's limits, and the adapters of
 // the hop's blocks.
 v1::InferenceOpen MakeOpenMessage(const ChainOptions& options,

@@ -21,11 +21,6 @@ constexpr absl::Duration kWriteTimeout = absl::Seconds(5);
 // stream of the id the step names.
 constexpr absl::Duration kOwnStreamCheckInterval = absl::Milliseconds(10);
 
-std::string DescribeNode(const scheduler::RouteHop& hop) {
-  return absl::StrCat("node ", hop.server.node_id.substr(0, 12), " at ",
-                      hop.server.address);
-}
-
 }  // namespace
 
 struct StepGroup::Link {
@@ -361,7 +356,7 @@ void StepGroup::RunPushed(std::vector<Member>& members) {
     if (!ok) {
       const absl::Status status(
           static_cast<absl::StatusCode>(reply.code()),
-          absl::StrCat(DescribeNode(chain.hops_[hop]->route_hop),
+          absl::StrCat(DescribeHop(chain.hops_[hop]->route_hop),
                        " rejected the step: ", reply.message()));
       if (IsFailoverError(status)) {
         chain.RecordFailure(chain.hops_[hop]->route_hop.server.node_id);
@@ -373,7 +368,7 @@ void StepGroup::RunPushed(std::vector<Member>& members) {
     if (reply.response().position() != member.end()) return;
     absl::StatusOr<HopStream::StepOutput> output = StepOutputFromResponse(
         reply.response(),
-        absl::StrCat("output of ", DescribeNode(chain.hops_[last]->route_hop)));
+        absl::StrCat("output of ", DescribeHop(chain.hops_[last]->route_hop)));
     at::Tensor current = member.input;
     size_t failed = last;
     absl::StatusOr<size_t> resume =
@@ -512,14 +507,14 @@ void StepGroup::RunRelayed(std::vector<Member>& members) {
       if (member.attempt.has_value() || member.hop_done) return;
       if (reply.code() != 0) {
         fail(member, absl::Status(static_cast<absl::StatusCode>(reply.code()),
-                                  absl::StrCat(DescribeNode(route_hop),
+                                  absl::StrCat(DescribeHop(route_hop),
                                                " rejected the step: ",
                                                reply.message())));
         return;
       }
       if (reply.response().position() != member.end()) return;
       absl::StatusOr<HopStream::StepOutput> output = StepOutputFromResponse(
-          reply.response(), absl::StrCat("output of ", DescribeNode(route_hop)));
+          reply.response(), absl::StrCat("output of ", DescribeHop(route_hop)));
       if (output.ok()) {
         accept(member, *std::move(output));
       } else {
@@ -558,7 +553,7 @@ void StepGroup::RunRelayed(std::vector<Member>& members) {
         for (Member* member : active) {
           if (member->attempt.has_value() || member->hop_done) continue;
           fail(*member, absl::DeadlineExceededError(absl::StrCat(
-                            DescribeNode(route_hop), " did not answer within ",
+                            DescribeHop(route_hop), " did not answer within ",
                             absl::FormatDuration(lead.options_.step_timeout))));
         }
         break;

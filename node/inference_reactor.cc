@@ -120,8 +120,26 @@ void StepMailbox::Detach() {
   reactor_ = nullptr;
 }
 
-absl::Status DeliverStep(ServiceContext* context, v1::InferenceStep* step,
-                         std::vector<StepTask>* tasks) {
+absl::Status DeliverStep(ServiceContext* context, StepOrigin origin,
+                         v1::InferenceStep* step, std::vector<StepTask>* tasks) {
+  if (origin == StepOrigin::kNode &&
+      (step->trail().empty() || step->has_hidden_states())) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "a pushed step carries its input as the last trail entry and no "
+        "hidden_states; got ", step->trail_size(), " trail entries and ",
+        step->has_hidden_states() ? "" : "no ", "hidden_states"));
+  }
+  if (origin == StepOrigin::kClient && !step->trail().empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "a step from a client must have no trail, got ", step->trail_size(),
+        " entries"));
+  }
+  if (origin == StepOrigin::kClient && !step->has_hidden_states()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the step for session '",
+        step->session_id().substr(0, kMaxSessionIdLength),
+        "' has no hidden_states"));
+  }
   if (step->session_id().empty() ||
       step->session_id().size() > static_cast<size_t>(kMaxSessionIdLength)) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -232,15 +250,6 @@ absl::StatusOr<at::Tensor> InferenceReactor::ReservePush(
     return absl::FailedPreconditionError(absl::StrCat(
         "session '", session_id, "' is running another step; send this one ",
         "through the client"));
-  }
-  // A node pushes its output as the last trail entry; a client's step
-  // from a SessionSteps stream carries hidden_states and no trail. The
-  // receivers check which one they expect.
-  if (step->trail().empty() == !step->has_hidden_states()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "a step carries its input either as hidden_states or as the last "
-        "trail entry; got ", step->trail_size(), " trail entries and ",
-        step->has_hidden_states() ? "" : "no ", "hidden_states"));
   }
   {
     absl::MutexLock session_lock(&session->mu);
@@ -425,19 +434,12 @@ void InferenceReactor::ReplyThrough(StepSource source,
                                     Reply reply) {
   v1::SessionReply session_reply;
   session_reply.set_session_id(session_->request.session_id);
-  v1::InferenceResponse* response = session_reply.mutable_response();
-  const absl::Status encoded =
-      CatchTorchErrors("encoding the step's output", [&] {
-        return TensorToProto(reply.hidden, response->mutable_hidden_states(),
-                             compression_);
-      });
-  if (!encoded.ok()) {
-    EndStep(encoded, Reply{});
+  const absl::Status filled =
+      FillResponse(std::move(reply), session_reply.mutable_response());
+  if (!filled.ok()) {
+    EndStep(filled, Reply{});
     return;
   }
-  response->set_position(reply.position);
-  response->mutable_trail()->Swap(&reply.trail);
-  response->set_draining(Draining());
   const std::string stream_id = step.reply_stream_id();
 
   // As after a push: once the step has ended, and without a reserved read,
@@ -519,18 +521,27 @@ void InferenceReactor::ReplyOrFinish(const absl::Status& status, Reply reply,
   }
 }
 
-void InferenceReactor::WriteReply(Reply reply) {
-  response_.Clear();
-  absl::Status status;
+absl::Status InferenceReactor::FillResponse(Reply reply,
+                                           v1::InferenceResponse* response) const {
   if (reply.encoded.has_value()) {
-    response_.mutable_hidden_states()->Swap(&*reply.encoded);
+    response->mutable_hidden_states()->Swap(&*reply.encoded);
   } else if (reply.hidden.defined()) {
-    // The output goes straight into the reused response message.
-    status = CatchTorchErrors("encoding the step's output", [&] {
-      return TensorToProto(reply.hidden, response_.mutable_hidden_states(),
+    POLLEN_RETURN_IF_ERROR(CatchTorchErrors("encoding the step's output", [&] {
+      return TensorToProto(reply.hidden, response->mutable_hidden_states(),
                            compression_);
-    });
+    }));
   }
+  response->set_position(reply.position);
+  response->mutable_trail()->Swap(&reply.trail);
+  // Tell the client to move the session when the node is leaving its span.
+  response->set_draining(Draining());
+  return absl::OkStatus();
+}
+
+void InferenceReactor::WriteReply(Reply reply) {
+  // The output goes straight into the reused response message.
+  response_.Clear();
+  const absl::Status status = FillResponse(std::move(reply), &response_);
   if (!status.ok()) {
     bool finishing = false;
     absl::Status finish;
@@ -543,10 +554,6 @@ void InferenceReactor::WriteReply(Reply reply) {
     if (finishing) SendFinish(finish);
     return;
   }
-  response_.set_position(reply.position);
-  response_.mutable_trail()->Swap(&reply.trail);
-  // Tell the client to move the session when the node is leaving its span.
-  response_.set_draining(Draining());
   StartWrite(&response_);
 }
 

@@ -62,13 +62,24 @@ class StepMailbox {
   InferenceReactor* reactor_ ABSL_GUARDED_BY(mu_);
 };
 
+// Sender of a step that does not come on its session's own stream.
+enum class StepOrigin {
+  // The previous node of the route, over PushSteps: the input is the last
+  // trail entry, and hidden_states is unset.
+  kNode,
+  // The client, over SessionSteps: the input is hidden_states, and the
+  // trail is empty.
+  kClient,
+};
+
 // Hands `step`, which names its session, to that session's reactor as a
 // pushed step and appends the task that runs it to `tasks`. Returns the
 // reason it cannot run, with `step` untouched: INVALID_ARGUMENT for a bad
-// session id or step, NOT_FOUND for a session that is not open here, and
-// the others of StepMailbox::Deliver.
-absl::Status DeliverStep(ServiceContext* context, v1::InferenceStep* step,
-                         std::vector<StepTask>* tasks);
+// session id or a step whose input is not where `origin` puts it,
+// NOT_FOUND for a session that is not open here, and the others of
+// StepMailbox::Deliver.
+absl::Status DeliverStep(ServiceContext* context, StepOrigin origin,
+                         v1::InferenceStep* step, std::vector<StepTask>* tasks);
 
 // Reads requests one at a time and replies to each step once, whether it
 // came on the stream or from a push. Steps run through the session
@@ -173,6 +184,10 @@ class InferenceReactor final
   // One critical section decides, because once the step has ended another
   // thread may finish the stream and delete `this`.
   void ReplyOrFinish(const absl::Status& status, Reply reply, bool end_step);
+
+  // Fills `response` with `reply`: the output (encoded when it is not yet),
+  // position, trail and draining flag.
+  absl::Status FillResponse(Reply reply, v1::InferenceResponse* response) const;
 
   // Moves `reply` into response_ and writes it.
   void WriteReply(Reply reply);

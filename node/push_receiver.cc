@@ -30,15 +30,8 @@ void PushReceiver::OnReadDone(bool ok) {
   request.Swap(&request_);
   std::vector<StepTask> tasks;
   for (v1::PushedStep& pushed : *request.mutable_steps()) {
-    const v1::InferenceStep& step = pushed.step();
     const absl::Status status =
-        step.trail().empty() || step.has_hidden_states()
-            ? absl::InvalidArgumentError(absl::StrCat(
-                  "a pushed step carries its input as the last trail entry "
-                  "and no hidden_states; got ",
-                  step.trail_size(), " trail entries and ",
-                  step.has_hidden_states() ? "" : "no ", "hidden_states"))
-            : DeliverStep(context_, pushed.mutable_step(), &tasks);
+        DeliverStep(context_, StepOrigin::kNode, pushed.mutable_step(), &tasks);
     if (!status.ok()) Reject(std::move(pushed), status);
   }
 

@@ -210,18 +210,8 @@ void SessionStepsReactor::HandleSteps(v1::SessionStepsRequest* request) {
   StepPusher::Batch batch;
   std::vector<StepTask> tasks;
   for (v1::InferenceStep& step : *request->mutable_steps()) {
-    absl::Status status;
-    if (!step.trail().empty()) {
-      status = absl::InvalidArgumentError(absl::StrCat(
-          "a step from a client must have no trail, got ", step.trail_size(),
-          " entries"));
-    } else if (!step.has_hidden_states()) {
-      status = absl::InvalidArgumentError(absl::StrCat(
-          "the step for session '", step.session_id().substr(0, kMaxSessionIdLength),
-          "' has no hidden_states"));
-    } else {
-      status = DeliverStep(context_, &step, &tasks);
-    }
+    const absl::Status status =
+        DeliverStep(context_, StepOrigin::kClient, &step, &tasks);
     if (status.ok()) continue;
 
     POLLEN_LOG_WARN("SessionSteps stream '{}' from {}: rejected a step for "

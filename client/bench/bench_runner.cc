@@ -190,8 +190,8 @@ absl::StatusOr<double> RunConcurrentSessions(const client::ModelHead& head,
   return static_cast<double>(sessions) * decode_steps / std::max(seconds, 1e-9);
 }
 
-// The embeddings [1, 1, hidden] of `ids`, one tensor per id, from one
-// lookup.
+// Returns the embeddings [1, 1, hidden] of `ids`, one tensor per id, from
+// one lookup.
 absl::StatusOr<std::vector<at::Tensor>> EmbedRows(const client::ModelHead& head,
                                                   const std::vector<int>& ids) {
   c10::InferenceMode inference_mode;
@@ -208,9 +208,9 @@ absl::StatusOr<std::vector<at::Tensor>> EmbedRows(const client::ModelHead& head,
   return rows;
 }
 
-// The greedy pick after the last position of each of `outputs`
-// [1, tokens, hidden], from one LM head pass over all of them, after
-// `token_index` new tokens.
+// Returns the greedy pick after the last position of each of `outputs`
+// [1, tokens, hidden], from one LM head pass over all of them. Errors name
+// the logits after `token_index` new tokens.
 absl::StatusOr<std::vector<int>> PickRows(const client::ModelHead& head,
                                           const std::vector<at::Tensor>& outputs,
                                           int token_index) {

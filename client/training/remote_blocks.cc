@@ -11,6 +11,7 @@
 #include "common/payload_chunks.h"
 #include "common/status_util.h"
 #include "common/tensor_codec.h"
+#include "client/hop_stream.h"
 #include "scheduler/latency_route.h"
 
 namespace pollen::client {
@@ -18,12 +19,6 @@ namespace {
 
 constexpr absl::Duration kFetchTimeout = absl::Seconds(5);
 constexpr absl::Duration kPollInterval = absl::Milliseconds(500);
-
-std::string DescribeHop(const scheduler::RouteHop& hop) {
-  return absl::StrCat("node ", hop.server.node_id.substr(0, 12), " at ",
-                      hop.server.address, " (blocks ", hop.start, ":",
-                      hop.end, ")");
-}
 
 // The autograd function over the whole swarm. Inputs: hidden states, then
 // the adapter parameters in AdapterSet::Parameters() order.
