@@ -58,6 +58,34 @@ void RmsNormRows(const float* x, const float* weight, int64_t rows,
 void MatMul(const float* x, int64_t rows, int64_t in, const at::Tensor& w,
             float* y);
 
+// A weight w [out, in] stored transposed for MatMulTransposed: `data` is
+// [in, stride], with w's rows as its columns and zeros after column `out`.
+// stride is `out` rounded up to kTransposedAlignment floats.
+struct TransposedWeight {
+  at::Tensor data;
+  int64_t in = 0;
+  int64_t out = 0;
+  int64_t stride = 0;
+};
+
+// Column alignment of a TransposedWeight, in floats: two AVX-512 vectors.
+inline constexpr int64_t kTransposedAlignment = 32;
+
+// Returns w [out, in], a 2-D float32 CPU tensor, transposed for
+// MatMulTransposed. Throws c10::Error for other tensors.
+TransposedWeight TransposeForMatMul(const at::Tensor& w);
+
+// Writes y = x w^T into y [rows, out] for x [rows, wt.in], like MatMul,
+// from the transposed copy of w. Every product is a multiply-add of a
+// broadcast input value and a vector of weights, so no sum needs a
+// reduction across vector lanes. MatMul needs one per sum, and with a
+// small `in`, as in small models, those cost as much as its multiply-adds.
+// The sums
+// add in a different order than MatMul's, so results differ by rounding.
+// Meant for up to kLoopMatMulMaxRows rows; any number works.
+void MatMulTransposed(const float* x, int64_t rows, const TransposedWeight& wt,
+                      float* y);
+
 // Returns at::linear(x, w) (no bias), computing it with MatMul when x and w
 // are float32 CPU tensors and x has at most kLoopMatMulMaxRows rows (the
 // product of all dimensions but the last), and with at::linear otherwise.

@@ -285,6 +285,18 @@ float* Workspace(size_t floats, std::vector<float>& fallback) {
 
 }  // namespace
 
+TransposedProjections TransposeProjections(const at::Tensor& qkv_proj,
+                                           const at::Tensor& o_proj,
+                                           const at::Tensor& gate_up_proj,
+                                           const at::Tensor& down_proj) {
+  TransposedProjections transposed;
+  transposed.qkv_proj = TransposeForMatMul(qkv_proj);
+  transposed.o_proj = TransposeForMatMul(o_proj);
+  transposed.gate_up_proj = TransposeForMatMul(gate_up_proj);
+  transposed.down_proj = TransposeForMatMul(down_proj);
+  return transposed;
+}
+
 at::Tensor ForwardFloatCpu(const FloatCpuBlock& block, const at::Tensor& hidden,
                            const std::vector<SequenceSlice>& slices) {
   const int64_t rows = hidden.size(0);
@@ -317,10 +329,26 @@ at::Tensor ForwardFloatCpu(const FloatCpuBlock& block, const at::Tensor& hidden,
   float* gate_up = after_attention + rows * width;
   float* activated = gate_up + rows * 2 * intermediate;
 
+  // y = x w^T from the transposed copy when there is one.
+  const bool use_transposed =
+      block.transposed != nullptr && rows <= kLoopMatMulMaxRows;
+  auto project = [rows, use_transposed](const float* in_rows, int64_t in,
+                                        const at::Tensor& weight,
+                                        const TransposedWeight* transposed,
+                                        float* out_rows) {
+    if (use_transposed) {
+      MatMulTransposed(in_rows, rows, *transposed, out_rows);
+    } else {
+      MatMul(in_rows, rows, in, weight, out_rows);
+    }
+  };
+  const TransposedProjections* copies = block.transposed;
+
   // Projections of the normalized rows.
   RmsNormRows(x, block.input_layernorm.data_ptr<float>(), rows, width, epsilon,
               normed);
-  MatMul(normed, rows, width, block.qkv_proj, qkv);
+  project(normed, width, block.qkv_proj,
+          copies ? &copies->qkv_proj : nullptr, qkv);
 
   // Rotary embedding of q and k at their positions, and k and v into the
   // caches [batch, kv_heads, max_length, d].
@@ -385,15 +413,18 @@ at::Tensor ForwardFloatCpu(const FloatCpuBlock& block, const at::Tensor& hidden,
   });
 
   // Attention output with residual: after = hidden + context o_proj^T.
-  MatMul(context, rows, q_width, block.o_proj, after_attention);
+  project(context, q_width, block.o_proj, copies ? &copies->o_proj : nullptr,
+          after_attention);
   AddInto(x, after_attention, rows * width, after_attention);
 
   // SwiGLU MLP with residual: output = after + down(silu(gate(n)) * up(n)).
   RmsNormRows(after_attention, block.post_attention_layernorm.data_ptr<float>(),
               rows, width, epsilon, normed);
-  MatMul(normed, rows, width, block.gate_up_proj, gate_up);
+  project(normed, width, block.gate_up_proj,
+          copies ? &copies->gate_up_proj : nullptr, gate_up);
   SwiGluRows(gate_up, rows, intermediate, activated);
-  MatMul(activated, rows, intermediate, block.down_proj, output_data);
+  project(activated, intermediate, block.down_proj,
+          copies ? &copies->down_proj : nullptr, output_data);
   AddInto(after_attention, output_data, rows * width, output_data);
   return output;
 }

@@ -20,6 +20,8 @@ namespace pollen::node {
 // Keys and values of one block for one session, after rotary embedding.
 // Both are [batch, num_key_value_heads, max_length, head_dim] in the block's
 // dtype and on its device. Owned by the session, not by the block.
+struct TransposedProjections;  // node/cpu_block_forward.h
+
 struct LayerKvCache {
   at::Tensor keys;
   at::Tensor values;
@@ -141,7 +143,8 @@ class LlamaBlock {
   at::ScalarType dtype() const;
   at::Device device() const;
   Quantization quantization() const { return qkv_proj_.quantization(); }
-  // Bytes of all weights as stored.
+  // Bytes of all weights as stored, without the transposed copies of
+  // small blocks (see kTransposedCopyMaxBytes).
   int64_t ParameterBytes() const;
 
  private:
@@ -197,6 +200,10 @@ class LlamaBlock {
   at::Tensor post_attention_layernorm_;  // [hidden]
   QuantizedLinear gate_up_proj_;         // [2 * intermediate, hidden]
   QuantizedLinear down_proj_;            // [hidden, intermediate]
+  // The projections transposed, for small float32 CPU blocks only (see
+  // kTransposedCopyMaxBytes); null otherwise. Shared by copies of the
+  // block, as its tensors are.
+  std::shared_ptr<const TransposedProjections> transposed_;
 };
 
 }  // namespace pollen::node
