@@ -205,12 +205,12 @@ __attribute__((always_inline)) inline void AttendGroupVectors(
 }
 
 // Attention of one group of query heads (see AttendGroupScalar), with the
-// usual head dimensions in vectors.
-POLLEN_CPU_CLONES
-void AttendGroupAnyDim(const float* queries, const float* keys,
-                       const float* values, int64_t length, int64_t group,
-                       int64_t dim, float scale, float* scores,
-                       float* outputs) {
+// usual head dimensions in vectors. The callers below pick the instruction
+// set.
+__attribute__((always_inline)) inline void AttendGroupDispatch(
+    const float* queries, const float* keys, const float* values,
+    int64_t length, int64_t group, int64_t dim, float scale, float* scores,
+    float* outputs) {
   switch (dim) {
     case 8:
       return AttendGroupVectors<8>(queries, keys, values, length, group,
@@ -231,6 +231,47 @@ void AttendGroupAnyDim(const float* queries, const float* keys,
       return AttendGroupScalar(queries, keys, values, length, group, dim,
                                scale, scores, outputs);
   }
+}
+
+// AttendGroupDispatch for CPUs with FMA (256-bit AVX) and the baseline.
+POLLEN_CPU_CLONES
+void AttendGroupClones(const float* queries, const float* keys,
+                       const float* values, int64_t length, int64_t group,
+                       int64_t dim, float scale, float* scores,
+                       float* outputs) {
+  AttendGroupDispatch(queries, keys, values, length, group, dim, scale, scores,
+                      outputs);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// The same with AVX2, whose lane-crossing permutes and register broadcasts
+// make the transposed sums and the splats of one probability a single
+// instruction each, where FMA alone needs two or three.
+__attribute__((target("avx2,fma")))
+void AttendGroupAvx2(const float* queries, const float* keys,
+                     const float* values, int64_t length, int64_t group,
+                     int64_t dim, float scale, float* scores, float* outputs) {
+  AttendGroupDispatch(queries, keys, values, length, group, dim, scale, scores,
+                      outputs);
+}
+#endif
+
+// Attention of one group of query heads (see AttendGroupScalar) with the
+// best instruction set of this CPU.
+void AttendGroupAnyDim(const float* queries, const float* keys,
+                       const float* values, int64_t length, int64_t group,
+                       int64_t dim, float scale, float* scores,
+                       float* outputs) {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  static const bool has_avx2 =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (has_avx2) {
+    return AttendGroupAvx2(queries, keys, values, length, group, dim, scale,
+                           scores, outputs);
+  }
+#endif
+  AttendGroupClones(queries, keys, values, length, group, dim, scale, scores,
+                    outputs);
 }
 
 // out = x + y, element-wise over n floats.
