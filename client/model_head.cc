@@ -20,6 +20,17 @@ namespace {
 // thread's product and waking up.
 constexpr int64_t kSharedHeadMinBytes = int64_t{4} << 20;
 
+// Returns the transposed copy that ModelHead keeps of `lm_head`, or
+// nothing for a head that does not get one.
+std::optional<TransposedWeight> TransposedHead(const at::Tensor& lm_head) {
+  if (!lm_head.is_cpu() || lm_head.scalar_type() != at::kFloat ||
+      lm_head.dim() != 2 ||
+      static_cast<int64_t>(lm_head.nbytes()) >= kSharedHeadMinBytes) {
+    return std::nullopt;
+  }
+  return TransposeForMatMul(lm_head);
+}
+
 }  // namespace
 
 ModelHead::ModelHead(ModelConfig config, at::Tensor embed_tokens,
@@ -27,7 +38,8 @@ ModelHead::ModelHead(ModelConfig config, at::Tensor embed_tokens,
     : config_(std::move(config)),
       embed_tokens_(std::move(embed_tokens)),
       norm_(std::move(norm)),
-      lm_head_(std::move(lm_head)) {}
+      lm_head_(std::move(lm_head)),
+      lm_head_transposed_(TransposedHead(lm_head_)) {}
 
 absl::StatusOr<std::unique_ptr<ModelHead>> ModelHead::Load(
     const Checkpoint& checkpoint, at::ScalarType dtype, at::Device device) {
@@ -140,6 +152,13 @@ at::Tensor ModelHead::Logits(const at::Tensor& hidden) const {
       rows <= kLoopMatMulMaxRows) {
     std::vector<int64_t> sizes(normed.sizes().begin(), normed.sizes().end());
     sizes.back() = lm_head_.size(0);
+    if (lm_head_transposed_.has_value()) {
+      const at::Tensor input = normed.contiguous();
+      at::Tensor product = at::empty(sizes, input.options());
+      MatMulTransposed(input.data_ptr<float>(), rows, *lm_head_transposed_,
+                       product.data_ptr<float>());
+      return product;
+    }
     const at::Tensor flat = normed.reshape({rows, config_.hidden_size});
     const at::Tensor product = lm_head_.nbytes() >= kSharedHeadMinBytes
                                    ? SharedHeadProduct(flat)

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
@@ -12,6 +13,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "common/checkpoint.h"
+#include "common/cpu_matmul.h"
 #include "common/model_config.h"
 
 namespace pollen::client {
@@ -72,6 +74,11 @@ class ModelHead {
   const at::Tensor norm_;          // [hidden]
   // [vocab, hidden]; shares storage with embed_tokens_ when tied.
   const at::Tensor lm_head_;
+  // lm_head_ transposed for MatMulTransposed, when it is float32 on the
+  // CPU and smaller than the heads whose products are shared. The
+  // products of such small heads are limited by arithmetic, which the
+  // transposed form does with fewer instructions.
+  const std::optional<TransposedWeight> lm_head_transposed_;
 
   mutable absl::Mutex mu_;
   // Calls waiting for the thread that computes the LM head products.

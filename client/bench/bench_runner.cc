@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <thread>
@@ -215,14 +216,26 @@ absl::StatusOr<std::vector<int>> PickRows(const client::ModelHead& head,
                                           const std::vector<at::Tensor>& outputs,
                                           int token_index) {
   c10::InferenceMode inference_mode;
-  std::vector<at::Tensor> last;
-  for (const at::Tensor& output : outputs) last.push_back(output.slice(1, -1));
   at::Tensor logits;
   POLLEN_RETURN_IF_ERROR(CatchTorchErrors("computing the logits", [&] {
-    logits = head.Logits(at::cat(last, 0))
-                 .reshape({static_cast<int64_t>(outputs.size()), -1})
-                 .to(at::kCPU, at::kFloat)
-                 .contiguous();
+    // The last rows side by side. Float32 CPU outputs are copied with
+    // memcpy, since a libtorch slice per session costs more than the copy.
+    const int64_t hidden = head.config().hidden_size;
+    const int64_t count = static_cast<int64_t>(outputs.size());
+    at::Tensor last = at::empty({count, hidden}, at::kFloat);
+    float* last_rows = last.data_ptr<float>();
+    for (int64_t i = 0; i < count; ++i) {
+      const at::Tensor& output = outputs[i];
+      if (output.is_cpu() && output.scalar_type() == at::kFloat &&
+          output.is_contiguous() && output.numel() >= hidden) {
+        std::memcpy(last_rows + i * hidden,
+                    output.data_ptr<float>() + output.numel() - hidden,
+                    hidden * sizeof(float));
+      } else {
+        last[i].copy_(output.reshape({-1, hidden})[-1]);
+      }
+    }
+    logits = head.Logits(last).to(at::kCPU, at::kFloat).contiguous();
     return absl::OkStatus();
   }));
   const int64_t vocab = logits.size(1);

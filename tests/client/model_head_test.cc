@@ -129,6 +129,40 @@ TEST(ModelHead, ConcurrentLogitsOfSmallHead) {
   ExpectConcurrentLogitsEqualAlone(**head);
 }
 
+// stories260k's small head takes the transposed product. Its logits must
+// equal libtorch's norm and linear layer up to rounding, for row counts
+// up to the loops' limit and one past it.
+TEST(ModelHead, SmallHeadLogitsMatchLibtorch) {
+  auto checkpoint = Checkpoint::Open(Stories260kDir());
+  ASSERT_TRUE(checkpoint.ok()) << checkpoint.status();
+  auto head = ModelHead::Load(**checkpoint, at::kFloat, at::kCPU);
+  ASSERT_TRUE(head.ok()) << head.status();
+  auto norm =
+      (*checkpoint)->LoadTensor("model.norm.weight", at::kFloat, at::kCPU);
+  ASSERT_TRUE(norm.ok()) << norm.status();
+  // stories260k ties its LM head to the embeddings.
+  const std::string head_name = (*checkpoint)->HasTensor("lm_head.weight")
+                                    ? "lm_head.weight"
+                                    : "model.embed_tokens.weight";
+  auto weight = (*checkpoint)->LoadTensor(head_name, at::kFloat, at::kCPU);
+  ASSERT_TRUE(weight.ok()) << weight.status();
+
+  at::manual_seed(5);
+  for (int64_t rows : {1, 3, 8, 16, 17}) {
+    const at::Tensor hidden = at::randn({rows, 1, 64});
+    const at::Tensor variance = hidden.pow(2).mean(-1, /*keepdim=*/true);
+    const at::Tensor normed =
+        *norm *
+        (hidden * at::rsqrt(variance + (*checkpoint)->config().rms_norm_eps));
+    const at::Tensor want = at::linear(normed, *weight);
+    const at::Tensor got = (*head)->Logits(hidden);
+    ASSERT_EQ(got.sizes(), want.sizes()) << "rows " << rows;
+    EXPECT_TRUE(at::allclose(got, want, 1e-4, 1e-4))
+        << "rows " << rows << ", largest difference "
+        << (got - want).abs().max().item<float>();
+  }
+}
+
 // An 8 MiB LM head: concurrent calls share its products.
 TEST(ModelHead, ConcurrentLogitsShareLargeHead) {
   TempDir dir;
