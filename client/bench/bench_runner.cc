@@ -445,8 +445,7 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& options) {
                                     result.num_blocks);
   POLLEN_RETURN_IF_ERROR(WithPhase(swarm.status(), "starting the nodes"));
 
-  // One session at a time. The chain of the current run stays open until
-  // the next run replaces it.
+  // One session per run, closed after it.
   std::unique_ptr<client::InferenceChain> chain;
   RunnerFactory open_session = [&]() -> absl::StatusOr<BlockRunner> {
     chain.reset();
@@ -455,42 +454,51 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& options) {
     return BlockRunner(
         [raw](const at::Tensor& hidden) { return raw->Step(hidden); });
   };
-  auto swarm_runs = RunRepeated(*head, open_session, prompt_ids,
-                                options.new_tokens, options.repetitions);
+  POLLEN_RETURN_IF_ERROR(WithPhase(
+      RunOnce(*head, open_session, prompt_ids, std::min(options.new_tokens, 2))
+          .status(),
+      "swarm warm-up run"));
   chain.reset();
-  POLLEN_RETURN_IF_ERROR(WithPhase(swarm_runs.status(), "swarm run"));
-  MedianSpeeds(*swarm_runs, options.prompt_tokens, options.new_tokens,
-               &result.swarm_decode_tok_s, &result.swarm_prefill_tok_s);
 
-  // Many sessions at once: driven together by one thread, then each on a
-  // thread of its own.
+  // The runs take turns: each repetition runs one session alone, then the
+  // sessions driven together by one thread, then each on a thread of its
+  // own. The ratios then compare runs seconds apart, not phases of the
+  // machine's speed, which drifts by several percent within a minute.
+  std::vector<TimedRun> swarm_runs;
   std::vector<double> aggregate;
   std::vector<double> threaded_aggregate;
   std::vector<TimedRun> session_runs;
   for (int i = 0; i < options.repetitions; ++i) {
+    auto run = RunOnce(*head, open_session, prompt_ids, options.new_tokens);
+    chain.reset();
+    POLLEN_RETURN_IF_ERROR(WithPhase(run.status(), "swarm run"));
+    POLLEN_LOG_INFO("swarm run {} of {}: prefill {:.3f} s, decode {:.3f} s",
+                    i + 1, options.repetitions, run->prefill_seconds,
+                    run->decode_seconds);
+    swarm_runs.push_back(*std::move(run));
+
     std::vector<TimedRun> runs;
     auto tok_s = RunGroupedSessions(*head, **swarm, prompt_ids,
                                     options.new_tokens, options.sessions, &runs);
     POLLEN_RETURN_IF_ERROR(WithPhase(tok_s.status(), "grouped sessions"));
     aggregate.push_back(*tok_s);
     session_runs.insert(session_runs.end(), runs.begin(), runs.end());
-  }
-  for (int i = 0; i < options.repetitions; ++i) {
-    std::vector<TimedRun> runs;
-    auto tok_s = RunConcurrentSessions(*head, **swarm, prompt_ids,
-                                       options.new_tokens, options.sessions,
-                                       &runs);
+
+    tok_s = RunConcurrentSessions(*head, **swarm, prompt_ids, options.new_tokens,
+                                  options.sessions, &runs);
     POLLEN_RETURN_IF_ERROR(WithPhase(tok_s.status(), "threaded sessions"));
     threaded_aggregate.push_back(*tok_s);
     session_runs.insert(session_runs.end(), runs.begin(), runs.end());
   }
+  MedianSpeeds(swarm_runs, options.prompt_tokens, options.new_tokens,
+               &result.swarm_decode_tok_s, &result.swarm_prefill_tok_s);
   result.aggregate_tok_s = Median(aggregate);
   result.threaded_aggregate_tok_s = Median(threaded_aggregate);
   (*swarm)->Stop();
 
   // Tokens, ratios and the bound.
   CheckTokens(result.new_ids, "local run", local_runs, result);
-  CheckTokens(result.new_ids, "swarm run", *swarm_runs, result);
+  CheckTokens(result.new_ids, "swarm run", swarm_runs, result);
   CheckTokens(result.new_ids, "concurrent session", session_runs, result);
   result.tokens_match = result.mismatch.empty();
 
