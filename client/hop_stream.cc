@@ -123,24 +123,31 @@ absl::StatusOr<std::optional<HopStream::StepOutput>> HopStream::Poll(
   }
 
   // The output is copied out of the response, which the next step reuses.
-  return StepOutputFromResponse(response_,
-                                absl::StrCat("output of ", DescribeHop(hop_)));
+  return StepOutputFromResponse(response_, hop_);
 }
 
 absl::StatusOr<HopStream::StepOutput> StepOutputFromResponse(
-    const v1::InferenceResponse& response, const std::string& source) {
+    const v1::InferenceResponse& response, const scheduler::RouteHop& hop) {
+  auto named = [&hop](const absl::Status& status) {
+    return absl::Status(status.code(), absl::StrCat(DescribeHop(hop), ": ",
+                                                    status.message()));
+  };
+
   HopStream::StepOutput output;
   output.draining = response.draining();
   if (response.has_hidden_states()) {
-    POLLEN_ASSIGN_OR_RETURN(output.hidden,
-                            TensorFromProto(response.hidden_states(), source));
+    absl::StatusOr<at::Tensor> hidden =
+        TensorFromProto(response.hidden_states(), "output");
+    if (!hidden.ok()) return named(hidden.status());
+    output.hidden = *std::move(hidden);
   }
   for (const v1::HopOutput& entry : response.trail()) {
     HopStream::TrailEntry& copied = output.trail.emplace_back();
     copied.draining = entry.draining();
-    POLLEN_ASSIGN_OR_RETURN(copied.hidden,
-                            TensorFromProto(entry.hidden_states(),
-                                            absl::StrCat("trail of ", source)));
+    absl::StatusOr<at::Tensor> hidden =
+        TensorFromProto(entry.hidden_states(), "trail entry");
+    if (!hidden.ok()) return named(hidden.status());
+    copied.hidden = *std::move(hidden);
   }
   return output;
 }

@@ -144,9 +144,10 @@ class HopStream {
 // of the node id, for messages and logs.
 std::string DescribeHop(const scheduler::RouteHop& hop);
 
-// Copies the output of a step out of `response`, naming `source` in
-// errors about its tensors.
+// Copies the output of a step out of `response`, which came from `hop`.
+// Errors about its tensors name the hop. That description is built only
+// on error, since a grouped step decodes several tensors per session.
 absl::StatusOr<HopStream::StepOutput> StepOutputFromResponse(
-    const v1::InferenceResponse& response, const std::string& source);
+    const v1::InferenceResponse& response, const scheduler::RouteHop& hop);
 
 }  // namespace pollen::client

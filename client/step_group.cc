@@ -5,7 +5,9 @@
 #include <set>
 #include <utility>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
 #include "common/logging.h"
 #include "common/status_util.h"
 #include "common/tensor_codec.h"
@@ -319,8 +321,11 @@ void StepGroup::RunPushed(std::vector<Member>& members) {
   Link& first = **to;
   Link& reply_link = **from;
   first.request.Clear();
-  std::map<std::string, Member*> by_first_session;
-  std::map<std::string, Member*> by_last_session;
+  // Keys view the chains' session ids, so the maps copy no strings.
+  absl::flat_hash_map<absl::string_view, Member*> by_first_session;
+  absl::flat_hash_map<absl::string_view, Member*> by_last_session;
+  by_first_session.reserve(members.size());
+  by_last_session.reserve(members.size());
   for (Member& member : members) {
     InferenceChain& chain = *member.chain;
     v1::InferenceStep* step = first.request.add_steps();
@@ -367,8 +372,7 @@ void StepGroup::RunPushed(std::vector<Member>& members) {
     // A reply to an earlier step that this chain gave up on.
     if (reply.response().position() != member.end()) return;
     absl::StatusOr<HopStream::StepOutput> output = StepOutputFromResponse(
-        reply.response(),
-        absl::StrCat("output of ", DescribeHop(chain.hops_[last]->route_hop)));
+        reply.response(), chain.hops_[last]->route_hop);
     at::Tensor current = member.input;
     size_t failed = last;
     absl::StatusOr<size_t> resume =
@@ -462,7 +466,8 @@ void StepGroup::RunRelayed(std::vector<Member>& members) {
     }
     Link& link = **linked;
     link.request.Clear();
-    std::map<std::string, Member*> by_session;
+    absl::flat_hash_map<absl::string_view, Member*> by_session;
+    by_session.reserve(active.size());
     for (Member* member : active) {
       InferenceChain& chain = *member->chain;
       v1::InferenceStep* step = link.request.add_steps();
@@ -513,8 +518,8 @@ void StepGroup::RunRelayed(std::vector<Member>& members) {
         return;
       }
       if (reply.response().position() != member.end()) return;
-      absl::StatusOr<HopStream::StepOutput> output = StepOutputFromResponse(
-          reply.response(), absl::StrCat("output of ", DescribeHop(route_hop)));
+      absl::StatusOr<HopStream::StepOutput> output =
+          StepOutputFromResponse(reply.response(), route_hop);
       if (output.ok()) {
         accept(member, *std::move(output));
       } else {
