@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_format.h"
 #include "client/hop_stream.h"
 #include "common/logging.h"
@@ -183,6 +184,8 @@ absl::Status InferenceChain::ReplaceHop(size_t index, const std::string& reason,
 
   absl::Status last_error;
   for (int attempt = 0; attempt < options_.max_failovers_per_step; ++attempt) {
+    POLLEN_LOG_INFO("session {}: looking for nodes to replace {} (attempt {})",
+                    session_id_, DescribeHop(old_hop.route_hop), attempt + 1);
     auto route = options_.reroute(start, end, excluded_nodes_, wait_for_nodes);
     if (!route.ok()) {
       return absl::Status(route.status().code(),
@@ -190,6 +193,11 @@ absl::Status InferenceChain::ReplaceHop(size_t index, const std::string& reason,
                                        DescribeHop(old_hop.route_hop), " (",
                                        reason, "): ", route.status().message()));
     }
+    std::vector<std::string> nodes;
+    for (const scheduler::RouteHop& hop : *route) nodes.push_back(DescribeHop(hop));
+    POLLEN_LOG_INFO("session {}: opening {} and replaying {} positions",
+                    session_id_, absl::StrJoin(nodes, ", "),
+                    history.defined() ? history.size(1) : 0);
     std::string failed_node;
     auto replacement = OpenAndReplay(*route, history, &failed_node);
     if (replacement.ok()) {
