@@ -165,9 +165,9 @@ __attribute__((always_inline)) inline void TransposedTile(
 }
 
 // Output columns [begin, end) of y [rows, y_stride] = x wt for x [rows,
-// in] and wt [in, stride]; begin is a multiple of kVectors * lanes. Tiles
-// of kTileRows rows read each weight vector once per tile; the last few
-// rows take a tile of their own size, and a lone row takes wider tiles,
+// in] and wt [in, stride], where begin is a multiple of kVectors * lanes.
+// Tiles of kTileRows rows read each weight vector once per tile. The last
+// few rows take a tile of their own size. A lone row takes wider tiles,
 // which read longer runs of each weight row.
 template <typename Vector, int kTileRows, int kVectors>
 __attribute__((always_inline)) inline void TransposedTiles(

@@ -33,15 +33,15 @@ struct TransposedProjections {
   TransposedWeight down_proj;
 };
 
-// Blocks whose projection weights take at most this many bytes in float32
-// keep a transposed copy of them (see TransposedProjections). Such blocks
-// stay in a core's cache, so their steps are limited by arithmetic, which
-// MatMulTransposed does in about a quarter of MatMul's time for 8 rows of
-// stories260k. Larger blocks are limited by reading their weights, which
-// the copy would not speed up, and it would double their memory.
+// Float32 blocks whose weights take at most this many bytes keep a
+// transposed copy of their projections (see TransposedProjections). Such
+// blocks stay in a core's cache, so arithmetic limits their steps, and
+// MatMulTransposed took about a quarter of MatMul's time for 8 rows of
+// stories260k (measured on a 2-core Xeon). Larger blocks are limited by
+// reading their weights, which a copy would not speed up but would double.
 inline constexpr int64_t kTransposedCopyMaxBytes = int64_t{8} << 20;
 
-// Returns the transposed copies of `block`'s projections.
+// Returns transposed copies of a block's four projection weights.
 TransposedProjections TransposeProjections(const at::Tensor& qkv_proj,
                                            const at::Tensor& o_proj,
                                            const at::Tensor& gate_up_proj,

@@ -114,12 +114,9 @@ LlamaBlock::LlamaBlock(int block_index, const ModelConfig& config,
       at::cat({weights.gate_proj, weights.up_proj}, 0), quantization, dtype);
   down_proj_ = QuantizedLinear(weights.down_proj, quantization, dtype);
 
-  const int64_t projection_bytes =
-      (qkv_proj_.out_features() + gate_up_proj_.out_features()) * hidden * 4 +
-      o_proj_.out_features() * q_out * 4 + hidden * intermediate * 4;
   if (quantization == Quantization::kNone && dtype == at::kFloat &&
       qkv_proj_.device().is_cpu() &&
-      projection_bytes <= kTransposedCopyMaxBytes) {
+      ParameterBytes() <= kTransposedCopyMaxBytes) {
     transposed_ = std::make_shared<const TransposedProjections>(
         TransposeProjections(qkv_proj_.DequantizedWeight(),
                              o_proj_.DequantizedWeight(),
