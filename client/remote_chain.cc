@@ -96,7 +96,7 @@ absl::StatusOr<std::unique_ptr<InferenceChain>> InferenceChain::Open(
     // place, so one call settles hop i. When it finds no route after the
     // discovery wait, trying again would only wait again.
     if (!opened.ok() && IsFailoverError(opened)) {
-      opened = chain->ReplaceHop(i, std::string(opened.message()));
+      opened = chain->ReplaceHop(i, opened);
     }
     POLLEN_RETURN_IF_ERROR(opened);
   }
@@ -170,11 +170,12 @@ InferenceChain::OpenAndReplay(const std::vector<scheduler::RouteHop>& route,
   return hops;
 }
 
-absl::Status InferenceChain::ReplaceHop(size_t index, const std::string& reason,
+absl::Status InferenceChain::ReplaceHop(size_t index, const absl::Status& cause,
                                         bool wait_for_nodes) {
   if (!options_.reroute) {
-    return absl::UnavailableError(absl::StrCat(
-        "no way to replace a failed node: ", reason));
+    return absl::Status(cause.code(),
+                        absl::StrCat("no way to replace a failed node: ",
+                                     cause.message()));
   }
   Hop& old_hop = *hops_[index];
   const int start = old_hop.route_hop.start;
@@ -182,16 +183,20 @@ absl::Status InferenceChain::ReplaceHop(size_t index, const std::string& reason,
   const at::Tensor history =
       old_hop.inputs.empty() ? at::Tensor() : at::cat(old_hop.inputs, 1);
 
-  absl::Status last_error;
+  absl::Status last_error = cause;
   for (int attempt = 0; attempt < options_.max_failovers_per_step; ++attempt) {
+    // A full node frees cache only as its sessions end, which new nodes
+    // showing up in the DHT would not hasten.
+    const bool full = absl::IsResourceExhausted(last_error);
     POLLEN_LOG_INFO("session {}: looking for nodes to replace {} (attempt {})",
                     session_id_, DescribeHop(old_hop.route_hop), attempt + 1);
-    auto route = options_.reroute(start, end, excluded_nodes_, wait_for_nodes);
+    auto route = options_.reroute(start, end, excluded_nodes_,
+                                  wait_for_nodes && !full);
     if (!route.ok()) {
-      return absl::Status(route.status().code(),
-                          absl::StrCat("cannot replace ",
-                                       DescribeHop(old_hop.route_hop), " (",
-                                       reason, "): ", route.status().message()));
+      return absl::Status(
+          full ? absl::StatusCode::kResourceExhausted : route.status().code(),
+          absl::StrCat("cannot replace ", DescribeHop(old_hop.route_hop), " (",
+                       last_error.message(), "): ", route.status().message()));
     }
     std::vector<std::string> nodes;
     for (const scheduler::RouteHop& hop : *route) nodes.push_back(DescribeHop(hop));
@@ -203,7 +208,7 @@ absl::Status InferenceChain::ReplaceHop(size_t index, const std::string& reason,
     if (replacement.ok()) {
       POLLEN_LOG_INFO("session {}: replaced {} with {} node(s) after: {}",
                       session_id_, DescribeHop(old_hop.route_hop),
-                      route->size(), reason);
+                      route->size(), std::string(cause.message()));
       ++failovers_;
       if (old_hop.stream) old_hop.stream->Close();
       hops_.erase(hops_.begin() + index);
@@ -236,7 +241,7 @@ absl::Status InferenceChain::RestartHop(size_t index) {
   }
   if (!IsFailoverError(restarted.status())) return restarted.status();
   if (!failed_node.empty()) RecordFailure(failed_node);
-  return ReplaceHop(index, std::string(restarted.status().message()));
+  return ReplaceHop(index, restarted.status());
 }
 
 absl::Status InferenceChain::RunHops(size_t first, at::Tensor* hidden,
@@ -433,12 +438,12 @@ absl::StatusOr<at::Tensor> InferenceChain::FinishStep(
       POLLEN_LOG_WARN("session {}: push stopped; relaying from now on",
                       session_id_);
       POLLEN_ASSIGN_OR_RETURN(failed, RestartAllBut(failed));
-      POLLEN_RETURN_IF_ERROR(ReplaceHop(failed, std::string(status.message())));
+      POLLEN_RETURN_IF_ERROR(ReplaceHop(failed, status));
       current = hidden;
       first = 0;
       continue;
     }
-    POLLEN_RETURN_IF_ERROR(ReplaceHop(failed, std::string(status.message())));
+    POLLEN_RETURN_IF_ERROR(ReplaceHop(failed, status));
     first = failed;
   }
   position_ += hidden.size(1);
@@ -454,7 +459,8 @@ void InferenceChain::MigrateDrainingHops() {
     excluded_nodes_.insert(hops_[i]->route_hop.server.node_id);
     const std::string node = DescribeHop(hops_[i]->route_hop);
     const absl::Status moved =
-        ReplaceHop(i, "the node is draining", /*wait_for_nodes=*/false);
+        ReplaceHop(i, absl::UnavailableError("the node is draining"),
+                   /*wait_for_nodes=*/false);
     if (!moved.ok()) {
       // The old node keeps serving until its drain timeout, so the session
       // goes on there rather than wait for a new node.

@@ -184,7 +184,10 @@ class InferenceChain {
   absl::Status RestartHop(size_t index);
   // Replaces hop `index` with nodes found by options_.reroute (one or more
   // hops over the same blocks), replaying its kept inputs into them.
-  absl::Status ReplaceHop(size_t index, const std::string& reason,
+  // `cause` is why the hop must go. After a node answered that it is full
+  // (RESOURCE_EXHAUSTED), the route search does not wait for new nodes, and
+  // a failed search returns RESOURCE_EXHAUSTED.
+  absl::Status ReplaceHop(size_t index, const absl::Status& cause,
                           bool wait_for_nodes = true);
   // Opens `route` and replays `history` [batch, position, hidden] through
   // it. Returns the new hops, or the first error with the node that failed

@@ -1,4 +1,5 @@
-// Round-trip times from this client to nodes, measured with the Info RPC.
+// Round-trip times from this client to nodes, measured with the Info RPC,
+// and the free cache those replies report.
 #pragma once
 
 #include <map>
@@ -28,6 +29,10 @@ class RttTracker {
   // Smoothed RTTs in milliseconds by node id.
   std::map<std::string, double> RttsMs() const;
 
+  // Free cache tokens by node id, from the replies to pings sent at or
+  // after `since`.
+  std::map<std::string, int64_t> CacheTokensLeft(absl::Time since) const;
+
   // Folds one sample into the node's average (weight 0.3 for the sample;
   // the first sample is taken as it is).
   void AddSample(const std::string& node_id, double rtt_ms, absl::Time now);
@@ -36,6 +41,9 @@ class RttTracker {
   struct Estimate {
     double rtt_ms = 0;
     absl::Time measured;
+    // From the last reply, and when its ping was sent.
+    int64_t cache_tokens_left = 0;
+    absl::Time cache_sent;
   };
 
   ChannelPool& channels_;

@@ -75,7 +75,7 @@ absl::StatusOr<std::vector<scheduler::RouteHop>> SwarmClient::FindRoute(
       scheduler::RouteOptions options = route_options;
       const std::set<std::string> banned = BannedNodes(absl::Now());
       options.excluded_nodes.insert(banned.begin(), banned.end());
-      const std::vector<scheduler::ServerSpan> spans =
+      std::vector<scheduler::ServerSpan> spans =
           SpansFromRecords(*records, model_id);
       std::vector<scheduler::ServerSpan> candidates;
       for (const scheduler::ServerSpan& span : spans) {
@@ -89,7 +89,25 @@ absl::StatusOr<std::vector<scheduler::RouteHop>> SwarmClient::FindRoute(
       latency.tokens_needed = tokens_needed;
       auto route =
           scheduler::FindFastestRoute(spans, start, end, latency, options);
+      if (absl::IsResourceExhausted(route.status())) {
+        // An announcement may be an announce period old, so the nodes' own
+        // counts of free cache decide.
+        const absl::Time asked = absl::Now();
+        rtts_.Refresh(candidates, absl::ZeroDuration());
+        const std::map<std::string, int64_t> live = rtts_.CacheTokensLeft(asked);
+        for (scheduler::ServerSpan& span : spans) {
+          const auto it = live.find(span.node_id);
+          if (it != live.end()) span.cache_tokens_left = it->second;
+        }
+        route = scheduler::FindFastestRoute(spans, start, end, latency, options);
+      }
       if (route.ok()) return route;
+      // Full nodes free cache only as their sessions end; waiting for more
+      // announcements would not help.
+      if (absl::IsResourceExhausted(route.status())) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            "model '", model_id, "': ", route.status().message()));
+      }
       last_error = route.status();
     } else {
       last_error = records.status();

@@ -43,11 +43,15 @@ std::vector<int> UsableSpans(const std::vector<ServerSpan>& spans, int start,
   return usable;
 }
 
-// Returns, for each block of [start, end), the positions in `usable` of the
-// spans covering it, or NOT_FOUND naming the blocks none covers.
+// Returns, per block of [start, end), the positions in `usable` of the
+// spans covering it. When
+// some block has none, returns RESOURCE_EXHAUSTED if every such block has a
+// node that is left out only for lack of free cache, and NOT_FOUND
+// otherwise: a full node frees cache only as its sessions end, so waiting
+// for the DHT to show more nodes would not help.
 absl::StatusOr<std::vector<std::vector<int>>> CoveringSpans(
     const std::vector<ServerSpan>& spans, const std::vector<int>& usable,
-    int start, int end) {
+    int start, int end, const RouteOptions& options, int64_t min_cache_tokens) {
   std::vector<std::vector<int>> covering(end - start);
   for (size_t u = 0; u < usable.size(); ++u) {
     const ServerSpan& span = spans[usable[u]];
@@ -62,13 +66,34 @@ absl::StatusOr<std::vector<std::vector<int>>> CoveringSpans(
   for (int block = start; block < end; ++block) {
     if (covering[block - start].empty()) unserved.push_back(block);
   }
-  if (!unserved.empty()) {
-    return absl::NotFoundError(absl::StrCat(
-        "no usable node serves block", unserved.size() > 1 ? "s " : " ",
-        FormatBlockList(unserved), " (", usable.size(), " of ", spans.size(),
-        " announced spans usable in [", start, ", ", end, "))"));
+  if (unserved.empty()) return covering;
+
+  // The largest free cache of a node that serves an unserved block and is
+  // usable in every other way, minimised over those blocks, or -1 when some
+  // block has no such node.
+  int64_t max_cache_left = std::numeric_limits<int64_t>::max();
+  for (const int block : unserved) {
+    int64_t block_max = -1;
+    for (const ServerSpan& span : spans) {
+      if (span.start <= block && block < span.end &&
+          IsUsable(span, options, /*min_cache_tokens=*/0)) {
+        block_max = std::max(block_max, span.cache_tokens_left);
+      }
+    }
+    max_cache_left = std::min(max_cache_left, block_max);
   }
-  return covering;
+  if (max_cache_left >= 0) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the nodes serving block", unserved.size() > 1 ? "s " : " ",
+        FormatBlockList(unserved), " have too little free KV cache: the "
+        "session needs ", min_cache_tokens, " cache tokens, and the node with "
+        "the most has ", max_cache_left,
+        " left; retry when sessions end, or ask for fewer tokens"));
+  }
+  return absl::NotFoundError(absl::StrCat(
+      "no usable node serves block", unserved.size() > 1 ? "s " : " ",
+      FormatBlockList(unserved), " (", usable.size(), " of ", spans.size(),
+      " announced spans usable in [", start, ", ", end, "))"));
 }
 
 // RTTs that are negative, infinite or NaN count as not measured.
@@ -214,7 +239,7 @@ absl::StatusOr<std::vector<RouteHop>> FindFastestRoute(
   const std::vector<int> usable =
       UsableSpans(spans, start, end, options, min_cache_tokens);
   absl::StatusOr<std::vector<std::vector<int>>> covering =
-      CoveringSpans(spans, usable, start, end);
+      CoveringSpans(spans, usable, start, end, options, min_cache_tokens);
   if (!covering.ok()) return covering.status();
   const std::vector<SpanCosts> costs = ComputeSpanCosts(spans, usable, model);
 
@@ -336,7 +361,8 @@ absl::StatusOr<std::vector<RouteHop>> SampleThroughputRoute(
   const std::vector<int> usable =
       UsableSpans(spans, start, end, options, options.min_cache_tokens);
   absl::StatusOr<std::vector<std::vector<int>>> covering =
-      CoveringSpans(spans, usable, start, end);
+      CoveringSpans(spans, usable, start, end, options,
+                    options.min_cache_tokens);
   if (!covering.ok()) return covering.status();
 
   std::vector<RouteHop> route;

@@ -57,8 +57,9 @@ struct LatencyModel {
 // RTTs that are negative, infinite or NaN count as not measured. Returns
 // INVALID_ARGUMENT when start >= end, model.default_throughput is not
 // positive and finite, or model.default_rtt_ms or model.low_cache_penalty_ms
-// is negative or not finite, and NOT_FOUND naming the blocks that no usable
-// node serves.
+// is negative or not finite, RESOURCE_EXHAUSTED when every block without a
+// usable node has nodes left out only for lack of free cache, and NOT_FOUND
+// naming the blocks that no usable node serves otherwise.
 absl::StatusOr<std::vector<RouteHop>> FindFastestRoute(
     const std::vector<ServerSpan>& spans, int start, int end,
     const LatencyModel& model, const RouteOptions& options = {});
@@ -98,8 +99,8 @@ double RouteLatencyMs(const std::vector<RouteHop>& route,
 // Usable spans follow `options` as in FindFewestHopsRoute.
 //
 // The result depends only on the inputs and the state of `rng`, which it
-// advances once per hop. Returns INVALID_ARGUMENT when start >= end and
-// NOT_FOUND naming the blocks that no usable node serves.
+// advances once per hop. Returns INVALID_ARGUMENT when start >= end, and
+// RESOURCE_EXHAUSTED or NOT_FOUND as FindFastestRoute does.
 absl::StatusOr<std::vector<RouteHop>> SampleThroughputRoute(
     const std::vector<ServerSpan>& spans, int start, int end,
     const std::map<std::string, int>& queued_requests, std::mt19937_64& rng,

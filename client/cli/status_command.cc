@@ -50,7 +50,9 @@ nlohmann::json NodeToJson(const v1::NodeRecord& record, int64_t now_ms) {
           {"prefill_throughput", record.prefill_throughput()},
           {"device", record.device()},
           {"dtype", record.dtype()},
-          {"quantization", record.quantization()},
+          // "none" like --quantize; records leave the field empty for it.
+          {"quantization",
+           record.quantization().empty() ? "none" : record.quantization()},
           {"next_rtt_ms", next_rtt_ms},
           {"version", record.version()},
           {"age_s", (now_ms - record.announced_ms()) / 1000.0}};
@@ -129,7 +131,7 @@ nlohmann::json DescribeModel(DhtRegistry& registry, const std::string& model_id,
 std::string DtypeLabel(const nlohmann::json& node) {
   const std::string dtype = node["dtype"].get<std::string>();
   const std::string quantization = node["quantization"].get<std::string>();
-  return quantization.empty() ? dtype : dtype + "+" + quantization;
+  return quantization == "none" ? dtype : dtype + "+" + quantization;
 }
 
 // One line per node: "name address blocks a:b state ...".

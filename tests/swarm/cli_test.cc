@@ -356,6 +356,8 @@ TEST_F(CliSwarmTest, StatusJsonListsEveryBlock) {
     EXPECT_TRUE(node.contains(key)) << key;
   }
   EXPECT_EQ(node["state"], "online");
+  EXPECT_EQ(node["dtype"], "float32");
+  EXPECT_EQ(node["quantization"], "none");
 }
 
 TEST_F(CliSwarmTest, StatusTextShowsBlocks) {

@@ -188,5 +188,44 @@ TEST(ConcurrentSessions, BadBatchesFailBeforeAnySessionOpens) {
   EXPECT_EQ(fine->size(), 2u);
 }
 
+// A batch whose sessions together need more KV cache than the node has
+// fails as soon as the node rejects a session, not after the discovery
+// wait, and frees what its first sessions reserved.
+TEST(ConcurrentSessions, BatchBeyondTheCacheFailsAtOnce) {
+  LocalSwarm swarm;
+  auto index = swarm.StartNode(Stories260kDir(), kModelId, 0, 5,
+                               {"--cache-tokens", "128"});
+  ASSERT_TRUE(index.ok()) << index.status();
+  ClientOptions client_options;
+  client_options.model_dir = Stories260kDir();
+  client_options.model_id = kModelId;
+  client_options.initial_peers = {swarm.peer()};
+  client_options.discovery_wait = absl::Seconds(120);
+  auto client = Client::Connect(client_options);
+  ASSERT_TRUE(client.ok()) << client.status();
+  GenerationOptions options;
+  options.max_new_tokens = 40;
+  options.stop_at_eos = false;
+
+  // Four sessions of about 46 positions each need 184 of the 128 tokens.
+  const absl::Time started = absl::Now();
+  auto batch = (*client)->GenerateBatchFromIds(Prompts(), options);
+  EXPECT_LT(absl::Now() - started, absl::Seconds(60));
+  EXPECT_EQ(batch.status().code(), absl::StatusCode::kResourceExhausted)
+      << batch.status();
+  // The node's rejection, or the route search's when the node's announcement
+  // already shows the reserved cache.
+  const std::string message(batch.status().message());
+  EXPECT_TRUE(message.find("of 128 are free") != std::string::npos ||
+              message.find("free KV cache") != std::string::npos)
+      << message;
+
+  // Two sessions fit once the failed batch's sessions are closed.
+  auto fits = (*client)->GenerateBatchFromIds(
+      std::vector<std::vector<int>>(2, kStoriesPromptIds), options);
+  ASSERT_TRUE(fits.ok()) << fits.status();
+  EXPECT_EQ((*fits)[0].new_ids, (*fits)[1].new_ids);
+}
+
 }  // namespace
 }  // namespace pollen::testing
