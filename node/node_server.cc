@@ -146,11 +146,24 @@ absl::Status ValidateNodeOptions(const NodeOptions& options) {
 
 namespace {
 
+// A stop signal that reached a thread not blocking it. OpenBLAS starts its
+// thread pool while the program loads, before RunNode blocks the signals,
+// and the kernel may hand a signal to that thread.
+std::atomic<int> caught_stop_signal{0};
+static_assert(std::atomic<int>::is_always_lock_free,
+              "the signal handler needs a lock-free atomic");
+
+extern "C" void RecordStopSignal(int signal_number) {
+  caught_stop_signal.store(signal_number);
+}
+
 // Waits up to `timeout` for SIGINT or SIGTERM. Returns the signal, or 0.
+// A signal caught by RecordStopSignal is returned after the wait.
 int WaitForSignal(const sigset_t& signals, absl::Duration timeout) {
   const timespec wait = absl::ToTimespec(timeout);
   const int signal_number = sigtimedwait(&signals, nullptr, &wait);
-  return signal_number > 0 ? signal_number : 0;
+  if (signal_number > 0) return signal_number;
+  return caught_stop_signal.exchange(0);
 }
 
 absl::StatusOr<std::unique_ptr<DhtRegistry>> JoinDht(
@@ -432,13 +445,19 @@ void DrainSessions(const NodeOptions& options, const sigset_t& stop_signals,
 }  // namespace
 
 absl::Status RunNode(const NodeOptions& options) {
-  // Block the stop signals in this thread before any other thread starts,
-  // so that every thread inherits the mask and sigtimedwait receives them.
+  // Block the stop signals in this thread before it starts any other, so
+  // that those inherit the mask and sigtimedwait receives the signals. The
+  // handler catches them in threads that started earlier.
   sigset_t stop_signals;
   sigemptyset(&stop_signals);
   sigaddset(&stop_signals, SIGINT);
   sigaddset(&stop_signals, SIGTERM);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  struct sigaction record_stop = {};
+  record_stop.sa_handler = RecordStopSignal;
+  sigemptyset(&record_stop.sa_mask);
+  sigaction(SIGINT, &record_stop, nullptr);
+  sigaction(SIGTERM, &record_stop, nullptr);
 
   POLLEN_RETURN_IF_ERROR(ValidateNodeOptions(options));
   POLLEN_RETURN_IF_ERROR(CheckPortFree(options.listen_host, options.port));

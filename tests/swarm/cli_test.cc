@@ -3,10 +3,13 @@
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
+
+#include <dirent.h>
 
 #include <fstream>
 #include <sstream>
@@ -448,6 +451,51 @@ TEST(Cli, SigtermWithdrawsNode) {
   EXPECT_EQ(swarm.node(*index).process.Wait(absl::Seconds(20)), 0)
       << swarm.node(*index).process.LogTail();
 
+  auto records = swarm.registry().FetchBlock("withdraw", 0, absl::Seconds(5));
+  ASSERT_TRUE(records.ok()) << records.status();
+  ASSERT_FALSE(records->empty());
+  for (const v1::NodeRecord& record : *records) {
+    EXPECT_EQ(record.state(), v1::NODE_STATE_OFFLINE);
+  }
+}
+
+// Returns a thread of process `pid`, other than its main thread, that does
+// not block `signal_number`, or -1 when there is none.
+pid_t ThreadTakingSignal(pid_t pid, int signal_number) {
+  const std::string tasks = absl::StrCat("/proc/", pid, "/task");
+  DIR* dir = opendir(tasks.c_str());
+  if (dir == nullptr) return -1;
+  pid_t found = -1;
+  while (const dirent* entry = readdir(dir)) {
+    const pid_t tid = static_cast<pid_t>(std::atoi(entry->d_name));
+    if (tid <= 0 || tid == pid) continue;
+    std::ifstream status(absl::StrCat(tasks, "/", tid, "/status"));
+    std::string line;
+    while (std::getline(status, line)) {
+      if (line.rfind("SigBlk:", 0) != 0) continue;
+      const uint64_t blocked = std::stoull(line.substr(7), nullptr, 16);
+      if ((blocked & (uint64_t{1} << (signal_number - 1))) == 0) found = tid;
+    }
+    if (found > 0) break;
+  }
+  closedir(dir);
+  return found;
+}
+
+// Libraries may start threads before the node blocks its stop signals
+// (OpenBLAS does, as the program loads), and the kernel may hand SIGTERM
+// to one of them.
+TEST(Cli, SigtermToAnyThreadWithdrawsNode) {
+  LocalSwarm swarm;
+  auto index = swarm.StartNode(Stories260kDir(), "withdraw", 0, 5);
+  ASSERT_TRUE(index.ok()) << index.status();
+  const pid_t pid = swarm.node(*index).process.pid();
+  const pid_t tid = ThreadTakingSignal(pid, SIGTERM);
+  if (tid < 0) GTEST_SKIP() << "every thread of the node blocks SIGTERM";
+
+  ASSERT_EQ(syscall(SYS_tgkill, pid, tid, SIGTERM), 0);
+  EXPECT_EQ(swarm.node(*index).process.Wait(absl::Seconds(20)), 0)
+      << swarm.node(*index).process.LogTail();
   auto records = swarm.registry().FetchBlock("withdraw", 0, absl::Seconds(5));
   ASSERT_TRUE(records.ok()) << records.status();
   ASSERT_FALSE(records->empty());
