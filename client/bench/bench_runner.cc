@@ -411,23 +411,25 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& options) {
       static_cast<int64_t>(sizeof(float));
   const int64_t max_length = options.prompt_tokens + options.new_tokens;
 
-  // Every block in this process, freed before the nodes load theirs.
+  // Every block in this process, freed before the nodes load theirs. The
+  // local runs come before and after the swarm's, so that both sets span
+  // the same stretch of the machine's drifting speed.
   std::vector<TimedRun> local_runs;
-  {
+  auto run_local = [&](const char* when) -> absl::Status {
     POLLEN_ASSIGN_OR_RETURN(
         std::shared_ptr<const node::BlockSpan> span,
         node::BlockSpan::Load(*checkpoint, 0, result.num_blocks, dtype, at::kCPU));
     result.block_weight_bytes = span->ParameterBytes();
-    POLLEN_LOG_INFO("local runs: {} blocks, {} bytes of weights",
-                    result.num_blocks, result.block_weight_bytes);
+    POLLEN_LOG_INFO("local runs {} the swarm's: {} blocks, {} bytes of weights",
+                    when, result.num_blocks, result.block_weight_bytes);
     auto local = RunRepeated(
         *head, [&] { return MakeLocalBlockRunner(span, max_length); },
         prompt_ids, options.new_tokens, options.repetitions);
     POLLEN_RETURN_IF_ERROR(WithPhase(local.status(), "local run"));
-    local_runs = std::move(*local);
-  }
-  MedianSpeeds(local_runs, options.prompt_tokens, options.new_tokens,
-               &result.local_decode_tok_s, &result.local_prefill_tok_s);
+    local_runs.insert(local_runs.end(), local->begin(), local->end());
+    return absl::OkStatus();
+  };
+  POLLEN_RETURN_IF_ERROR(run_local("before"));
   result.new_ids = local_runs.front().new_ids;
 
   // The nodes, with cache for every concurrent session plus one.
@@ -495,6 +497,9 @@ absl::StatusOr<BenchResult> RunBench(const BenchOptions& options) {
   result.aggregate_tok_s = Median(aggregate);
   result.threaded_aggregate_tok_s = Median(threaded_aggregate);
   (*swarm)->Stop();
+  POLLEN_RETURN_IF_ERROR(run_local("after"));
+  MedianSpeeds(local_runs, options.prompt_tokens, options.new_tokens,
+               &result.local_decode_tok_s, &result.local_prefill_tok_s);
 
   // Tokens, ratios and the bound.
   CheckTokens(result.new_ids, "local run", local_runs, result);
