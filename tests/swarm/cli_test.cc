@@ -442,6 +442,16 @@ TEST(Cli, FullChatSaysWhatToDo) {
       << result.stderr_text;
 }
 
+// Checks that every record under block 0 of `model_id` says OFFLINE.
+void ExpectWithdrawn(LocalSwarm& swarm, const std::string& model_id) {
+  auto records = swarm.registry().FetchBlock(model_id, 0, absl::Seconds(5));
+  ASSERT_TRUE(records.ok()) << records.status();
+  ASSERT_FALSE(records->empty());
+  for (const v1::NodeRecord& record : *records) {
+    EXPECT_EQ(record.state(), v1::NODE_STATE_OFFLINE);
+  }
+}
+
 TEST(Cli, SigtermWithdrawsNode) {
   LocalSwarm swarm;
   auto index = swarm.StartNode(Stories260kDir(), "withdraw", 0, 5);
@@ -451,12 +461,7 @@ TEST(Cli, SigtermWithdrawsNode) {
   EXPECT_EQ(swarm.node(*index).process.Wait(absl::Seconds(20)), 0)
       << swarm.node(*index).process.LogTail();
 
-  auto records = swarm.registry().FetchBlock("withdraw", 0, absl::Seconds(5));
-  ASSERT_TRUE(records.ok()) << records.status();
-  ASSERT_FALSE(records->empty());
-  for (const v1::NodeRecord& record : *records) {
-    EXPECT_EQ(record.state(), v1::NODE_STATE_OFFLINE);
-  }
+  ExpectWithdrawn(swarm, "withdraw");
 }
 
 // Returns a thread of process `pid`, other than its main thread, that does
@@ -496,12 +501,7 @@ TEST(Cli, SigtermToAnyThreadWithdrawsNode) {
   ASSERT_EQ(syscall(SYS_tgkill, pid, tid, SIGTERM), 0);
   EXPECT_EQ(swarm.node(*index).process.Wait(absl::Seconds(20)), 0)
       << swarm.node(*index).process.LogTail();
-  auto records = swarm.registry().FetchBlock("withdraw", 0, absl::Seconds(5));
-  ASSERT_TRUE(records.ok()) << records.status();
-  ASSERT_FALSE(records->empty());
-  for (const v1::NodeRecord& record : *records) {
-    EXPECT_EQ(record.state(), v1::NODE_STATE_OFFLINE);
-  }
+  ExpectWithdrawn(swarm, "withdraw");
 }
 
 TEST(Cli, HelpListsFlags) {

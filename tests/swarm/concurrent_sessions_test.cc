@@ -20,12 +20,13 @@ constexpr char kModelId[] = "concurrent";
 constexpr int kSessions = 4;
 constexpr int kNewTokens = 40;
 
-std::unique_ptr<Client> Connect(const LocalSwarm& swarm) {
+std::unique_ptr<Client> Connect(
+    const LocalSwarm& swarm, absl::Duration discovery_wait = absl::Seconds(20)) {
   ClientOptions options;
   options.model_dir = Stories260kDir();
   options.model_id = kModelId;
   options.initial_peers = {swarm.peer()};
-  options.discovery_wait = absl::Seconds(20);
+  options.discovery_wait = discovery_wait;
   auto client = Client::Connect(options);
   EXPECT_TRUE(client.ok()) << client.status();
   return client.ok() ? std::move(*client) : nullptr;
@@ -196,20 +197,15 @@ TEST(ConcurrentSessions, BatchBeyondTheCacheFailsAtOnce) {
   auto index = swarm.StartNode(Stories260kDir(), kModelId, 0, 5,
                                {"--cache-tokens", "128"});
   ASSERT_TRUE(index.ok()) << index.status();
-  ClientOptions client_options;
-  client_options.model_dir = Stories260kDir();
-  client_options.model_id = kModelId;
-  client_options.initial_peers = {swarm.peer()};
-  client_options.discovery_wait = absl::Seconds(120);
-  auto client = Client::Connect(client_options);
-  ASSERT_TRUE(client.ok()) << client.status();
+  std::unique_ptr<Client> client = Connect(swarm, absl::Seconds(120));
+  ASSERT_NE(client, nullptr);
   GenerationOptions options;
   options.max_new_tokens = 40;
   options.stop_at_eos = false;
 
   // Four sessions of about 46 positions each need 184 of the 128 tokens.
   const absl::Time started = absl::Now();
-  auto batch = (*client)->GenerateBatchFromIds(Prompts(), options);
+  auto batch = client->GenerateBatchFromIds(Prompts(), options);
   EXPECT_LT(absl::Now() - started, absl::Seconds(60));
   EXPECT_EQ(batch.status().code(), absl::StatusCode::kResourceExhausted)
       << batch.status();
@@ -221,7 +217,7 @@ TEST(ConcurrentSessions, BatchBeyondTheCacheFailsAtOnce) {
       << message;
 
   // Two sessions fit once the failed batch's sessions are closed.
-  auto fits = (*client)->GenerateBatchFromIds(
+  auto fits = client->GenerateBatchFromIds(
       std::vector<std::vector<int>>(2, kStoriesPromptIds), options);
   ASSERT_TRUE(fits.ok()) << fits.status();
   EXPECT_EQ((*fits)[0].new_ids, (*fits)[1].new_ids);
