@@ -1,5 +1,6 @@
 // Client and ChatSession: tokenize, embed, run the chain, sample.
 #include <chrono>
+#include <numeric>
 #include <optional>
 #include <utility>
 
@@ -448,6 +449,15 @@ absl::StatusOr<std::vector<GenerationResult>> Client::Impl::GenerateBatch(
   for (size_t i = 0; i < prompts.size(); ++i) {
     BatchSequence& sequence = sequences[i];
     absl::StatusOr<std::unique_ptr<InferenceChain>> chain = OpenChain(lengths[i]);
+    if (absl::IsResourceExhausted(chain.status()) && prompts.size() > 1) {
+      // Retrying cannot help when the whole batch never fits.
+      const int64_t total =
+          std::accumulate(lengths.begin(), lengths.end(), int64_t{0});
+      chain = absl::ResourceExhaustedError(absl::StrCat(
+          chain.status().message(), "; the batch's ", prompts.size(),
+          " sessions need ", total, " cache tokens in all on each node, so use "
+          "fewer prompts or new tokens, or nodes with more --cache-tokens"));
+    }
     POLLEN_RETURN_IF_ERROR(ForPrompt(i, chain.status()));
     sequence.chain = *std::move(chain);
     sequence.history = prompts[i];

@@ -92,9 +92,9 @@ absl::StatusOr<std::vector<scheduler::RouteHop>> SwarmClient::FindRoute(
       if (absl::IsResourceExhausted(route.status())) {
         // An announcement may be an announce period old, so the nodes' own
         // counts of free cache decide.
-        const absl::Time asked = absl::Now();
+        const absl::Time pinged = absl::Now();
         rtts_.Refresh(candidates, absl::ZeroDuration());
-        const std::map<std::string, int64_t> live = rtts_.CacheTokensLeft(asked);
+        const std::map<std::string, int64_t> live = rtts_.CacheTokensLeft(pinged);
         for (scheduler::ServerSpan& span : spans) {
           const auto it = live.find(span.node_id);
           if (it != live.end()) span.cache_tokens_left = it->second;
@@ -121,7 +121,9 @@ absl::StatusOr<std::vector<scheduler::RouteHop>> SwarmClient::FindRoute(
   return absl::Status(
       last_error.code(),
       absl::StrCat("model '", model_id, "': ", last_error.message(),
-                   " after waiting ", absl::FormatDuration(wait)));
+                   wait > absl::ZeroDuration()
+                       ? absl::StrCat(" after waiting ", absl::FormatDuration(wait))
+                       : ""));
 }
 
 }  // namespace pollen::client

@@ -215,7 +215,8 @@ absl::StatusOr<dht::crypto::Identity> LoadOrCreateIdentity(
   POLLEN_ASSIGN_OR_RETURN(dht::crypto::Identity identity,
                           GenerateIdentity(name));
   POLLEN_RETURN_IF_ERROR(SaveIdentity(identity, key_path, cert_path));
-  POLLEN_LOG_INFO("Created identity {} (node id {})", path, NodeIdOf(identity));
+  POLLEN_LOG_INFO("Created identity {} and {} (node id {})", key_path,
+                  cert_path, NodeIdOf(identity));
   return identity;
 }
 

@@ -158,8 +158,11 @@ extern "C" void RecordStopSignal(int signal_number) {
 }
 
 // Waits up to `timeout` for SIGINT or SIGTERM. Returns the signal, or 0.
-// A signal caught by RecordStopSignal is returned after the wait.
+// A signal that RecordStopSignal caught counts too.
 int WaitForSignal(const sigset_t& signals, absl::Duration timeout) {
+  if (const int caught = caught_stop_signal.exchange(0); caught != 0) {
+    return caught;
+  }
   const timespec wait = absl::ToTimespec(timeout);
   const int signal_number = sigtimedwait(&signals, nullptr, &wait);
   if (signal_number > 0) return signal_number;
@@ -393,7 +396,14 @@ int ServeUntilSignal(const NodeOptions& options, const sigset_t& stop_signals,
                      Announcer& announcer, SessionManager& sessions,
                      const ServiceContext& context) {
   absl::Time next_announce = absl::InfinitePast();
+  // The first look does not wait, so that a signal that came during
+  // startup stops the node before it announces itself online.
+  absl::Duration wait = absl::ZeroDuration();
   while (true) {
+    const int stop_signal = WaitForSignal(stop_signals, wait);
+    if (stop_signal != 0) return stop_signal;
+    wait = absl::Seconds(1);
+
     const absl::Time now = absl::Now();
     if (now >= next_announce) {
       const absl::Status announced =
@@ -408,8 +418,6 @@ int ServeUntilSignal(const NodeOptions& options, const sigset_t& stop_signals,
       }
     }
     sessions.CloseIdle(now);
-    const int stop_signal = WaitForSignal(stop_signals, absl::Seconds(1));
-    if (stop_signal != 0) return stop_signal;
   }
 }
 

@@ -153,18 +153,24 @@ int RunChatCommand(const GenerateCommandOptions& options) {
   if (!options.json) {
     on_text = [](const std::string& piece) { std::cout << piece << std::flush; };
   }
+  bool first_turn = true;
   for (std::string line; std::getline(std::cin, line);) {
     if (line.empty()) continue;
     auto result = (*chat)->Send(line, options.generation, on_text);
     if (!result.ok()) {
       PrintError(result.status());
-      if (absl::IsOutOfRange(result.status())) {
+      const char* raise = options.max_length > 0 ? ", or raise --max-length" : "";
+      if (absl::IsOutOfRange(result.status()) && first_turn) {
+        std::cerr << "note: this line alone does not fit the conversation; "
+                     "shorten it"
+                  << raise << "\n";
+      } else if (absl::IsOutOfRange(result.status())) {
         std::cerr << "note: the conversation is full; start a new chat"
-                  << (options.max_length > 0 ? ", or raise --max-length" : "")
-                  << "\n";
+                  << raise << "\n";
       }
       return 1;
     }
+    first_turn = false;
     if (options.json) {
       std::cout << ResultToJson(*result).dump() << std::endl;
     } else {

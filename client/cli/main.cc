@@ -45,7 +45,7 @@ ABSL_FLAG(int, port, 0, "TCP port of the node's gRPC server; 0 picks a free port
 ABSL_FLAG(std::string, host, "0.0.0.0", "Address the node's gRPC server listens on");
 ABSL_FLAG(std::string, announce_host, "127.0.0.1", "Host name or IP that clients use to reach this node; announced in the DHT");
 ABSL_FLAG(int, dht_port, 0, "UDP port of the node's DHT participant; 0 picks a free port");
-ABSL_FLAG(std::string, identity, "", "File holding the node's signing identity (created on first start); empty uses a new one each start");
+ABSL_FLAG(std::string, identity, "", "Path of the node's signing identity: PATH.pem holds the key and PATH.crt the certificate, created on first start; empty uses a new one each start");
 ABSL_FLAG(int64_t, cache_tokens, 16384, "KV cache budget in tokens (batch x positions) across all sessions");
 ABSL_FLAG(int64_t, prefill_chunk, 512, "Most tokens (batch x new tokens, over all sessions) in one forward pass of a node; longer prompts run in chunks of this size");
 ABSL_FLAG(std::string, public_name, "", "Name shown in `pollen status`; defaults to the node's address");

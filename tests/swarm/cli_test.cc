@@ -440,6 +440,17 @@ TEST(Cli, FullChatSaysWhatToDo) {
                 "--max-length"),
             std::string::npos)
       << result.stderr_text;
+
+  // A first line longer than the whole conversation.
+  std::string long_line;
+  for (int i = 0; i < 12; ++i) long_line += std::string(kStoriesPrompt) + " ";
+  const CommandResult too_long = RunCommand(argv, long_line + "\n");
+  EXPECT_EQ(too_long.exit_code, 1);
+  EXPECT_NE(too_long.stderr_text.find(
+                "note: this line alone does not fit the conversation; "
+                "shorten it, or raise --max-length"),
+            std::string::npos)
+      << too_long.stderr_text;
 }
 
 // Checks that every record under block 0 of `model_id` says OFFLINE.

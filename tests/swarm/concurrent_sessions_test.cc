@@ -215,6 +215,7 @@ TEST(ConcurrentSessions, BatchBeyondTheCacheFailsAtOnce) {
   EXPECT_TRUE(message.find("of 128 are free") != std::string::npos ||
               message.find("free KV cache") != std::string::npos)
       << message;
+  EXPECT_NE(message.find("cache tokens in all"), std::string::npos) << message;
 
   // Two sessions fit once the failed batch's sessions are closed.
   auto fits = client->GenerateBatchFromIds(
