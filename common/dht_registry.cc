@@ -427,8 +427,12 @@ void DhtRegistry::NudgeIfConnecting() {
 }
 
 bool DhtRegistry::IsAloneInNewSwarm() const {
-  return bootstrap_.empty() &&
-         runner_->getNodesStats(AF_INET).getKnownNodes() == 0;
+  if (!bootstrap_.empty()) return false;
+  {
+    absl::MutexLock lock(&status_mu_);
+    if (status_ != PeerStatus::kConnected) return true;
+  }
+  return runner_->getNodesStats(AF_INET).getKnownNodes() == 0;
 }
 
 absl::Status DhtRegistry::WaitConnected(absl::Duration timeout) {
@@ -546,16 +550,26 @@ absl::Status DhtRegistry::Announce(const NodeRecord& record,
     batch = StartPuts(*runner_, keys, value);
   }
 
-  const absl::StatusOr<int> failed =
-      AwaitPuts(*runner_, *batch, keys.size(), deadline, timeout);
-  for (const std::string& key : dropped_keys) {
-    runner_->cancelPut(dht::InfoHash::get(key), value->id);
-  }
-
   const std::string what =
       absl::StrCat("model ", model_id, " blocks ", SpanString(record), " (",
                    pollen::v1::NodeState_Name(record.state()), ", ",
                    keys.size(), " keys, node id ", node_id_, ")");
+  // With no peer to store them, the puts could only time out.
+  const bool alone = IsAloneInNewSwarm();
+  const absl::StatusOr<int> failed =
+      alone ? absl::StatusOr<int>(0)
+            : AwaitPuts(*runner_, *batch, keys.size(), deadline, timeout);
+  for (const std::string& key : dropped_keys) {
+    runner_->cancelPut(dht::InfoHash::get(key), value->id);
+  }
+  if (alone || (failed.ok() && *failed > 0 && IsAloneInNewSwarm())) {
+    POLLEN_LOG_INFO(
+        "Announced {} in local storage only, because no peer is in this "
+        "new swarm now",
+        what);
+    return absl::OkStatus();
+  }
+
   if (!failed.ok()) {
     POLLEN_LOG_WARN("DHT announce of {} failed: {}", what,
                     failed.status().ToString());
@@ -564,13 +578,6 @@ absl::Status DhtRegistry::Announce(const NodeRecord& record,
         absl::StrCat("announce of ", what, ": ", failed.status().message()));
   }
   if (*failed > 0) {
-    if (IsAloneInNewSwarm()) {
-      POLLEN_LOG_INFO(
-          "Announced {} in local storage only, because no peer has joined "
-          "this new swarm yet",
-          what);
-      return absl::OkStatus();
-    }
     const std::string message = absl::StrCat(
         "announce of ", what, ": no DHT peer stored ", *failed, " of ",
         keys.size(), " values; bootstrap peers: ", BootstrapList());

@@ -214,8 +214,10 @@ class DhtRegistry {
                                                    const std::string& model_id,
                                                    absl::Time now);
 
-  // Whether this node started a new swarm and has no peer in its routing
-  // table yet, so that its own storage is the only place values can go.
+  // Whether this node started a new swarm (it has no bootstrap peers) and
+  // no peer is in it now: none has joined yet, or every peer has left or
+  // stopped answering. Its own storage is then the only place values can
+  // go, and peers that join later find them there.
   bool IsAloneInNewSwarm() const;
 
   std::string BootstrapList() const;
