@@ -360,7 +360,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   if (positional.size() != 2) {
-    std::cerr << kUsage << "\n";
+    std::cerr << "pollen: " << kUsage << "\n";
     return 2;
   }
   const std::string command = positional[1];
@@ -607,6 +607,7 @@ int main(int argc, char** argv) {
     options.work_dir = absl::GetFlag(FLAGS_work_dir);
     return pollen::cli::RunLocalSwarmCommand(options);
   }
-  std::cerr << "error: unknown command '" << command << "'\n\n" << kUsage << "\n";
+  std::cerr << "error: unknown command '" << command << "'\n\npollen: " << kUsage
+            << "\n";
   return 2;
 }
