@@ -241,8 +241,15 @@ absl::StatusOr<GenerationResult> Client::Impl::Continue(
     POLLEN_ASSIGN_OR_RETURN(
         const int next,
         SampleNext(output, sampler, text_stream, history, &result, on_text));
-    if (options.stop_at_eos && next == config().eos_token_id) break;
+    if (options.stop_at_eos && next == config().eos_token_id) {
+      result.finish_reason = "eos";
+      break;
+    }
     to_feed = {next};
+  }
+  if (result.finish_reason.empty()) {
+    result.finish_reason =
+        max_new_tokens < options.max_new_tokens ? "max_length" : "max_new_tokens";
   }
   FinishResult(chain, text_stream, on_text,
                std::chrono::duration<double, std::milli>(
@@ -438,9 +445,13 @@ absl::StatusOr<std::vector<GenerationResult>> Client::Impl::GenerateBatch(
         const int next,
         SampleNext(output, *sequence.sampler, *sequence.text, sequence.history,
                    &sequence.result, sequence.on_text));
-    sequence.done = (options.stop_at_eos && next == config().eos_token_id) ||
-                    static_cast<int>(sequence.result.new_ids.size()) >=
-                        options.max_new_tokens;
+    if (options.stop_at_eos && next == config().eos_token_id) {
+      sequence.result.finish_reason = "eos";
+    } else if (static_cast<int>(sequence.result.new_ids.size()) >=
+               options.max_new_tokens) {
+      sequence.result.finish_reason = "max_new_tokens";
+    }
+    sequence.done = !sequence.result.finish_reason.empty();
     return absl::OkStatus();
   };
 

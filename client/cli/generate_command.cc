@@ -31,7 +31,8 @@ nlohmann::json ResultToJson(const GenerationResult& result) {
           {"new_ids", result.new_ids},
           {"text", result.text},
           {"route", route},
-          {"ms_per_token", result.ms_per_token}};
+          {"ms_per_token", result.ms_per_token},
+          {"finish_reason", result.finish_reason}};
 }
 
 void PrintError(const absl::Status& status) {
@@ -153,13 +154,13 @@ int RunChatCommand(const GenerateCommandOptions& options) {
   if (!options.json) {
     on_text = [](const std::string& piece) { std::cout << piece << std::flush; };
   }
+  const char* raise = options.max_length > 0 ? ", or raise --max-length" : "";
   bool first_turn = true;
   for (std::string line; std::getline(std::cin, line);) {
     if (line.empty()) continue;
     auto result = (*chat)->Send(line, options.generation, on_text);
     if (!result.ok()) {
       PrintError(result.status());
-      const char* raise = options.max_length > 0 ? ", or raise --max-length" : "";
       if (absl::IsOutOfRange(result.status()) && first_turn) {
         std::cerr << "note: this line alone does not fit the conversation; "
                      "shorten it"
@@ -175,6 +176,11 @@ int RunChatCommand(const GenerateCommandOptions& options) {
       std::cout << ResultToJson(*result).dump() << std::endl;
     } else {
       std::cout << std::endl;
+    }
+    if (result->finish_reason == "max_length") {
+      std::cerr << "note: the reply stopped after " << result->new_ids.size()
+                << " tokens because the conversation is full; start a new chat"
+                << raise << "\n";
     }
   }
   return 0;

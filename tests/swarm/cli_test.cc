@@ -257,6 +257,7 @@ TEST_F(CliSwarmTest, GenerateJsonMatchesReference) {
   EXPECT_EQ(std::string(kStoriesPrompt) + output["text"].get<std::string>(),
             kReferenceText);
   EXPECT_GT(output["ms_per_token"].get<double>(), 0);
+  EXPECT_EQ(output["finish_reason"], "max_new_tokens");
   ASSERT_EQ(output["route"].size(), 3u);
   EXPECT_EQ(output["route"][0]["blocks"], nlohmann::json({0, 2}));
   EXPECT_EQ(output["route"][1]["blocks"], nlohmann::json({2, 4}));
@@ -329,7 +330,8 @@ TEST_F(CliSwarmTest, ChatJsonPrintsOneObjectPerTurn) {
             std::vector<int>(kStoriesReferenceIds.begin(),
                              kStoriesReferenceIds.begin() + 16));
   EXPECT_EQ(second["new_ids"].size(), 16u);
-  for (const char* key : {"prompt_ids", "new_ids", "text", "route", "ms_per_token"}) {
+  for (const char* key : {"prompt_ids", "new_ids", "text", "route",
+                          "ms_per_token", "finish_reason"}) {
     EXPECT_TRUE(second.contains(key)) << key;
   }
 }
@@ -451,9 +453,28 @@ TEST(Cli, FullChatSaysWhatToDo) {
                 "shorten it, or raise --max-length"),
             std::string::npos)
       << too_long.stderr_text;
+
+  // A reply cut short by the conversation's length: 5 prompt positions and
+  // 8 new tokens, then 3 more and only 4 of the 8 new tokens fit in 20.
+  std::vector<std::string> short_argv = {
+      PollenBinary(), "chat", "--model", Stories260kDir(), "--initial-peers",
+      swarm.peer(), "--max-new-tokens", "8", "--max-length", "20", "--json"};
+  const CommandResult cut =
+      RunCommand(short_argv, std::string(kStoriesPrompt) + "\nThe dog\n");
+  ASSERT_EQ(cut.exit_code, 0) << cut.stderr_text;
+  const std::vector<std::string> lines =
+      absl::StrSplit(cut.stdout_text, '\n', absl::SkipEmpty());
+  ASSERT_EQ(lines.size(), 2u) << cut.stdout_text;
+  EXPECT_EQ(nlohmann::json::parse(lines[0])["finish_reason"], "max_new_tokens");
+  const auto second = nlohmann::json::parse(lines[1]);
+  EXPECT_EQ(second["finish_reason"], "max_length");
+  EXPECT_EQ(second["new_ids"].size(), 4u);
+  EXPECT_NE(cut.stderr_text.find("note: the reply stopped after 4 tokens"),
+            std::string::npos)
+      << cut.stderr_text;
 }
 
-// Checks that every record under block 0 of `model_id` says OFFLINE.
+// Checks that every record under block 0 of `model_id` has state OFFLINE.
 void ExpectWithdrawn(LocalSwarm& swarm, const std::string& model_id) {
   auto records = swarm.registry().FetchBlock(model_id, 0, absl::Seconds(5));
   ASSERT_TRUE(records.ok()) << records.status();

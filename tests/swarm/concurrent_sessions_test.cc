@@ -145,6 +145,7 @@ TEST(ConcurrentSessions, BatchGetsTheTokensOfEachAlone) {
         EXPECT_EQ((*batch)[i].prompt_ids, prompts[i]);
         EXPECT_EQ((*batch)[i].text, streamed[i]);
         EXPECT_EQ((*batch)[i].route.size(), 2u);
+        EXPECT_EQ((*batch)[i].finish_reason, "max_new_tokens");
       }
     }
   }

@@ -115,6 +115,10 @@ struct GenerationResult {
   // by the number of new tokens. In a batch the steps are the whole
   // batch's, so it is the batch's time per token of this sequence.
   double ms_per_token = 0;
+  // Why generation stopped: "eos" (the model's end-of-sequence token, with
+  // stop_at_eos), "max_new_tokens", or "max_length" (a chat reached its
+  // max_length before max_new_tokens).
+  std::string finish_reason;
 };
 
 // Receives generated text as it arrives; pieces never split a UTF-8
