@@ -192,12 +192,12 @@ absl::Status InferenceChain::ReplaceHop(size_t index, const absl::Status& cause,
                     session_id_, DescribeHop(old_hop.route_hop), attempt + 1);
     auto route = options_.reroute(start, end, excluded_nodes_,
                                   wait_for_nodes && !full);
-    if (!route.ok() && full) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          last_error.message(), "; no other node for blocks ", start, ":", end,
-          " has room: ", route.status().message()));
-    }
     if (!route.ok()) {
+      if (full) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            last_error.message(), "; no other node for blocks ", start, ":",
+            end, " has room: ", route.status().message()));
+      }
       return absl::Status(
           route.status().code(),
           absl::StrCat("cannot replace ", DescribeHop(old_hop.route_hop), " (",

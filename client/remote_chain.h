@@ -184,9 +184,9 @@ class InferenceChain {
   absl::Status RestartHop(size_t index);
   // Replaces hop `index` with nodes found by options_.reroute (one or more
   // hops over the same blocks), replaying its kept inputs into them.
-  // `cause` is why the hop must go. After a node answered that it is full
-  // (RESOURCE_EXHAUSTED), the route search does not wait for new nodes, and
-  // a failed search returns RESOURCE_EXHAUSTED.
+  // `cause` is why the hop must go. After a node rejected the session for
+  // lack of cache (RESOURCE_EXHAUSTED), the route search does not wait for
+  // new nodes, and a failed search returns RESOURCE_EXHAUSTED.
   absl::Status ReplaceHop(size_t index, const absl::Status& cause,
                           bool wait_for_nodes = true);
   // Opens `route` and replays `history` [batch, position, hidden] through

@@ -34,7 +34,7 @@ std::map<std::string, int64_t> RttTracker::CacheTokensLeft(
   absl::MutexLock lock(&mu_);
   std::map<std::string, int64_t> cache;
   for (const auto& [node_id, estimate] : estimates_) {
-    if (estimate.cache_sent >= since) {
+    if (estimate.measured >= since) {
       cache[node_id] = estimate.cache_tokens_left;
     }
   }
@@ -75,7 +75,6 @@ void RttTracker::Refresh(const std::vector<scheduler::ServerSpan>& spans,
         context.set_deadline(std::chrono::system_clock::now() +
                              absl::ToChronoMilliseconds(timeout_));
         v1::InfoResponse info;
-        const absl::Time sent = absl::Now();
         const auto started = std::chrono::steady_clock::now();
         const grpc::Status status =
             stub->Info(&context, v1::InfoRequest(), &info);
@@ -85,10 +84,8 @@ void RttTracker::Refresh(const std::vector<scheduler::ServerSpan>& spans,
         if (status.ok()) {
           AddSample(span.node_id, rtt_ms, absl::Now());
           absl::MutexLock lock(&mu_);
-          Estimate& estimate = estimates_[span.node_id];
-          estimate.cache_tokens_left =
+          estimates_[span.node_id].cache_tokens_left =
               static_cast<int64_t>(info.cache_tokens_left());
-          estimate.cache_sent = sent;
         } else {
           POLLEN_LOG_DEBUG("ping of node {} at {} failed: {}", span.node_id,
                            span.address, status.error_message());

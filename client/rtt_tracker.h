@@ -29,8 +29,8 @@ class RttTracker {
   // Smoothed RTTs in milliseconds by node id.
   std::map<std::string, double> RttsMs() const;
 
-  // Free cache tokens by node id, from the replies to pings sent at or
-  // after `since`.
+  // Free cache tokens by node id, from the replies measured at or after
+  // `since`.
   std::map<std::string, int64_t> CacheTokensLeft(absl::Time since) const;
 
   // Folds one sample into the node's average (weight 0.3 for the sample;
@@ -41,9 +41,8 @@ class RttTracker {
   struct Estimate {
     double rtt_ms = 0;
     absl::Time measured;
-    // From the last reply, and when its ping was sent.
+    // From the last reply.
     int64_t cache_tokens_left = 0;
-    absl::Time cache_sent;
   };
 
   ChannelPool& channels_;

@@ -33,7 +33,7 @@ class SwarmClient {
   // avoids banned nodes and `route_options.excluded_nodes`, and its nodes
   // can still reserve `tokens_needed` cache tokens. Polls the DHT until every
   // block is served or `wait` has passed; the error then names the blocks
-  // nobody serves. Returns RESOURCE_EXHAUSTED at once when nodes serve the
+  // no node serves. Returns RESOURCE_EXHAUSTED at once when nodes serve the
   // blocks but none has that much free cache by its own count (Info).
   absl::StatusOr<std::vector<scheduler::RouteHop>> FindRoute(
       const std::string& model_id, int start, int end, absl::Duration wait,

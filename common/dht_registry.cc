@@ -428,11 +428,8 @@ void DhtRegistry::NudgeIfConnecting() {
 
 bool DhtRegistry::IsAloneInNewSwarm() const {
   if (!bootstrap_.empty()) return false;
-  {
-    absl::MutexLock lock(&status_mu_);
-    if (status_ != PeerStatus::kConnected) return true;
-  }
-  return runner_->getNodesStats(AF_INET).getKnownNodes() == 0;
+  absl::MutexLock lock(&status_mu_);
+  return status_ != PeerStatus::kConnected;
 }
 
 absl::Status DhtRegistry::WaitConnected(absl::Duration timeout) {
@@ -556,9 +553,8 @@ absl::Status DhtRegistry::Announce(const NodeRecord& record,
                    keys.size(), " keys, node id ", node_id_, ")");
   // With no peer to store them, the puts could only time out.
   const bool alone = IsAloneInNewSwarm();
-  const absl::StatusOr<int> failed =
-      alone ? absl::StatusOr<int>(0)
-            : AwaitPuts(*runner_, *batch, keys.size(), deadline, timeout);
+  absl::StatusOr<int> failed = 0;
+  if (!alone) failed = AwaitPuts(*runner_, *batch, keys.size(), deadline, timeout);
   for (const std::string& key : dropped_keys) {
     runner_->cancelPut(dht::InfoHash::get(key), value->id);
   }

@@ -216,7 +216,7 @@ class DhtRegistry {
 
   // Whether this node started a new swarm (it has no bootstrap peers) and
   // no peer is in it now: none has joined yet, or every peer has left or
-  // stopped answering. Its own storage is then the only place values can
+  // stopped responding. Its own storage is then the only place values can
   // go, and peers that join later find them there.
   bool IsAloneInNewSwarm() const;
 

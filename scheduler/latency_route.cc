@@ -44,11 +44,10 @@ std::vector<int> UsableSpans(const std::vector<ServerSpan>& spans, int start,
 }
 
 // Returns, per block of [start, end), the positions in `usable` of the
-// spans covering it. When
-// some block has none, returns RESOURCE_EXHAUSTED if every such block has a
-// node that is left out only for lack of free cache, and NOT_FOUND
-// otherwise: a full node frees cache only as its sessions end, so waiting
-// for the DHT to show more nodes would not help.
+// spans covering it. When some block has none, returns RESOURCE_EXHAUSTED
+// if every such block has a node left out only for lack of free cache, and
+// NOT_FOUND otherwise. A full node frees cache only as its sessions end, so
+// waiting for the DHT to show more nodes would not help.
 absl::StatusOr<std::vector<std::vector<int>>> CoveringSpans(
     const std::vector<ServerSpan>& spans, const std::vector<int>& usable,
     int start, int end, const RouteOptions& options, int64_t min_cache_tokens) {

@@ -161,12 +161,11 @@ int RunChatCommand(const GenerateCommandOptions& options) {
     auto result = (*chat)->Send(line, options.generation, on_text);
     if (!result.ok()) {
       PrintError(result.status());
-      if (absl::IsOutOfRange(result.status()) && first_turn) {
-        std::cerr << "note: this line alone does not fit the conversation; "
-                     "shorten it"
-                  << raise << "\n";
-      } else if (absl::IsOutOfRange(result.status())) {
-        std::cerr << "note: the conversation is full; start a new chat"
+      if (absl::IsOutOfRange(result.status())) {
+        std::cerr << (first_turn
+                          ? "note: this line alone does not fit the "
+                            "conversation; shorten it"
+                          : "note: the conversation is full; start a new chat")
                   << raise << "\n";
       }
       return 1;
